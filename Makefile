@@ -1,0 +1,40 @@
+# superclip-pl: `make help` lists the targets. Targets that need the environment install it on first use.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+TORCH   ?= torch==2.13.0
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-fast lint format data demo ablation bench gpu-check clean
+
+help:  ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the package (torch CPU build first, then the rest)
+
+test: $(STAMP)  ## run the whole test suite (CPU only, offline)
+	$(BIN)/pytest -q
+
+test-fast: $(STAMP)  ## run the tests not marked slow
+	$(BIN)/pytest -q -m "not slow"
+
+lint: $(STAMP)  ## ruff check and format check
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+format: $(STAMP)  ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix src tests
+	$(BIN)/ruff format src tests
+
+clean:  ## remove outputs and caches (keeps .venv and data)
+	rm -rf outputs lightning_logs .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""superclip-pl: SuperCLIP (CLIP + a vocabulary classifier on the image tower) with PyTorch Lightning."""

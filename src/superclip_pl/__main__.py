@@ -1,0 +1,3 @@
+from superclip_pl.cli import main
+
+main()
