@@ -29,3 +29,40 @@ def tokenizer_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tokenizer")
     train_bpe_tokenizer(tiny_captions(), out, vocab_size=96)
     return str(out)
+
+
+# a smaller-than-tiny architecture: every test model is built from this (fast on 2 cores)
+MICRO = {
+    "projection_dim": 32,
+    "vision_config": dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=4,
+    ),
+    "text_config": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+}
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture
+def batch(tokenizer):
+    """A fixed batch of 8: random images and distinct captions, padded to the longest."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    caps = [f"a {c} {s} on the left" for c, s in zip(COLOURS * 2, SHAPES + SHAPES[::-1], strict=True)]
+    enc = tokenizer(caps, padding="longest", return_tensors="pt")
+    return {
+        "pixel_values": torch.randn(8, 3, 16, 16, generator=g),
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+    }

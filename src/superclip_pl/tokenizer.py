@@ -9,6 +9,7 @@ suffix, and the two CLIP special tokens appended at the *end* of the vocabulary,
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -31,6 +32,7 @@ def train_bpe_tokenizer(
         vocab_size=vocab_size - 2, end_of_word_suffix="</w>", show_progress=False, min_frequency=1
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    tok = _canonical_ids(tok)
     # special tokens go last, as in CLIP, so that ids 0.. are ordinary tokens
     tok.add_special_tokens([BOS, EOS])
     bos, eos = tok.token_to_id(BOS), tok.token_to_id(EOS)
@@ -49,3 +51,35 @@ def train_bpe_tokenizer(
     if output_dir is not None:
         hf.save_pretrained(str(output_dir))
     return hf
+
+
+def _canonical_ids(tok: Tokenizer) -> Tokenizer:
+    """Renumber the vocabulary reproducibly: the BPE trainer numbers the initial symbols in hash order.
+
+    Initial symbols (single characters, with and without ``</w>``) come first in sorted order, then the
+    merged tokens in merge order; the merges themselves, and so every tokenisation, are unchanged.
+    """
+    spec = json.loads(tok.to_str())
+    model = spec["model"]
+    merged = ["".join(m) if isinstance(m, list) else m.replace(" ", "") for m in model["merges"]]
+    merged = [t for t in dict.fromkeys(merged) if t in model["vocab"]]
+    initial = sorted(set(model["vocab"]) - set(merged))
+    model["vocab"] = {t: i for i, t in enumerate(initial + merged)}
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def load_tokenizer(name_or_path: str):
+    """``AutoTokenizer.from_pretrained`` with one clear line when the name or directory is not usable."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        hint = (
+            "the directory does not exist" if not Path(name_or_path).exists() and "/" in name_or_path else ""
+        )
+        hint = hint or str(err).strip().splitlines()[0]
+        raise ValueError(
+            f"cannot load tokenizer {name_or_path!r}: {hint}; give a local tokenizer directory "
+            "(e.g. data/shapes/tokenizer, made by `make data`) or a hub id (needs the network)"
+        ) from None

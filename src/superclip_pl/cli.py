@@ -1,0 +1,66 @@
+"""``superclip fit|validate|test|export``: the LightningCLI entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningCLI
+
+from superclip_pl.module import LitSuperCLIP
+
+
+class SuperCLIPCLI(LightningCLI):
+    """LightningCLI with the links between the data and the model, and ``metrics.json`` after evaluation."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # one tokenizer and one caption length feed both the data pipeline and the model
+        parser.link_arguments("data.init_args.tokenizer", "model.tokenizer")
+        parser.link_arguments("data.init_args.max_length", "model.max_length")
+        # the backbone decides the resolution the images are prepared at
+        parser.link_arguments("model.image_size", "data.init_args.image_size", apply_on="instantiate")
+
+    def _write_metrics(self) -> None:
+        """Write the run's final metrics as one flat JSON object to ``<log_dir>/metrics.json``."""
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if v.numel() == 1}
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"metrics written to {log_dir / 'metrics.json'}")
+
+    def after_validate(self) -> None:
+        self._write_metrics()
+
+    def after_test(self) -> None:
+        self._write_metrics()
+
+
+def main(args: list[str] | None = None, run: bool = True) -> SuperCLIPCLI | None:
+    """Console entry point; ``args`` (a list) lets tests call it in-process."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == "export":
+        from superclip_pl.export import main as export_main
+
+        export_main(argv[1:])
+        return None
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from superclip_pl.data import ImageTextDataModule
+
+    return SuperCLIPCLI(
+        LitSuperCLIP,
+        ImageTextDataModule,
+        subclass_mode_data=True,
+        args=argv,
+        run=run,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": "Train and evaluate SuperCLIP models (CLIP + vocabulary classifier)."},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""SuperCLIP as a plain ``nn.Module``: an HF ``CLIPModel`` plus the vocabulary classifier head.
+
+No Lightning here: the model works for inference, tests and export without a Trainer.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPConfig, CLIPModel
+
+# Architectures of the paper (open_clip ViT-B-16 / ViT-L-16 shapes), plus a tiny one for tests and
+# the CPU demo. ``vocab_size`` and the special-token ids are taken from the tokenizer, never from here.
+# Trained from scratch with standard GELU (open_clip's non-OpenAI models); HF's default is quick_gelu.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "projection_dim": 128,
+        "vision_config": dict(
+            hidden_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=512,
+            image_size=32,
+            patch_size=4,
+            hidden_act="gelu",
+        ),
+        "text_config": dict(
+            hidden_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=512,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+        ),
+    },
+    "ViT-B-16": {
+        "projection_dim": 512,
+        "vision_config": dict(
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            image_size=224,
+            patch_size=16,
+            hidden_act="gelu",
+        ),
+        "text_config": dict(
+            hidden_size=512,
+            num_hidden_layers=12,
+            num_attention_heads=8,
+            intermediate_size=2048,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+        ),
+    },
+    "ViT-L-16": {
+        "projection_dim": 768,
+        "vision_config": dict(
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            intermediate_size=4096,
+            image_size=224,
+            patch_size=16,
+            hidden_act="gelu",
+        ),
+        "text_config": dict(
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            max_position_embeddings=77,
+            hidden_act="gelu",
+        ),
+    },
+}
+
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in overrides.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def clip_config(
+    preset: str | dict[str, Any], tokenizer=None, image_size: int | None = None, overrides: dict | None = None
+) -> CLIPConfig:
+    """A ``CLIPConfig`` from a preset name or a config dict, sized to ``tokenizer`` (vocab, special ids)."""
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(
+                f"unknown preset {preset!r}; choose one of {sorted(PRESETS)} or a pretrained dir"
+            )
+        preset = PRESETS[preset]
+    cfg = _merge(preset, overrides or {})
+    if image_size is not None:
+        cfg["vision_config"]["image_size"] = image_size
+    if tokenizer is not None:
+        cfg["text_config"].update(
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return CLIPConfig(**cfg)
+
+
+def check_tokenizer(config: CLIPConfig, tokenizer) -> None:
+    """Fail with one clear line when ``tokenizer`` does not fit the text tower of ``config``."""
+    tc = config.text_config
+    if len(tokenizer) > tc.vocab_size:
+        raise ValueError(
+            f"tokenizer has {len(tokenizer)} tokens but the text tower's vocab_size is {tc.vocab_size}: "
+            "use the model's own tokenizer or a preset sized from this tokenizer"
+        )
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has no eos_token: CLIP pools the text at the end-of-text token")
+    if tc.eos_token_id is None:
+        raise ValueError("text config has no eos_token_id: set it from the tokenizer (text pooling needs it)")
+    # HF keeps eos_token_id == 2 for old checkpoints and then pools at argmax(input_ids): right only when
+    # the tokenizer's end-of-text token has the largest id (true of the OpenAI CLIP tokenizer).
+    legacy_ok = tc.eos_token_id == 2 and tokenizer.eos_token_id == len(tokenizer) - 1
+    if tc.eos_token_id != tokenizer.eos_token_id and not legacy_ok:
+        raise ValueError(
+            f"text config eos_token_id={tc.eos_token_id} but the tokenizer's eos_token_id="
+            f"{tokenizer.eos_token_id}: text pooling would pick the wrong token"
+        )
+
+
+class VocabularyHead(nn.Module):
+    """LayerNorm + Linear over the vocabulary, fed with the mean of the post-LayerNorm patch tokens."""
+
+    def __init__(self, width: int, vocab_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=eps)
+        self.proj = nn.Linear(width, vocab_size)
+        nn.init.normal_(self.proj.weight, std=width**-0.5)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, patch_mean: torch.Tensor) -> torch.Tensor:  # (B, W) -> (B, V)
+        return self.proj(self.norm(patch_mean))
+
+
+class SuperCLIP(nn.Module):
+    """An HF ``CLIPModel`` with the SuperCLIP vocabulary head on its vision tower.
+
+    Args:
+        config: the ``CLIPConfig`` of the two towers; the head predicts ``text_config.vocab_size`` classes.
+        head: build the vocabulary head (``False`` gives plain CLIP: nothing is spent on it).
+        siglip: add the learnable logit bias of the sigmoid loss and start the scale at log(10).
+    """
+
+    def __init__(
+        self, config: CLIPConfig, head: bool = True, siglip: bool = False, clip: CLIPModel | None = None
+    ):
+        super().__init__()
+        self.clip = clip if clip is not None else CLIPModel(config)
+        self.config = self.clip.config
+        width = self.config.vision_config.hidden_size
+        eps = self.config.vision_config.layer_norm_eps
+        self.head = VocabularyHead(width, self.config.text_config.vocab_size, eps) if head else None
+        self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if siglip else None
+        if siglip and clip is None:
+            with torch.no_grad():
+                self.clip.logit_scale.fill_(math.log(10.0))
+
+    @classmethod
+    def build(
+        cls,
+        backbone: str = "tiny",
+        tokenizer=None,
+        image_size: int | None = None,
+        overrides: dict | None = None,
+        head: bool = True,
+        siglip: bool = False,
+    ) -> SuperCLIP:
+        """A model from a preset name (fresh weights) or a pretrained HF CLIP (local dir or hub id)."""
+        if backbone in PRESETS:
+            config = clip_config(backbone, tokenizer, image_size, overrides)
+            model = cls(config, head=head, siglip=siglip)
+        else:
+            model = cls.from_pretrained(backbone, head=head, siglip=siglip)
+            size = model.config.vision_config.image_size
+            if image_size is not None and image_size != size:
+                raise ValueError(
+                    f"{backbone!r} was trained at {size} px; image_size={image_size} does not fit it"
+                )
+            if overrides:
+                raise ValueError("overrides apply to presets only; a pretrained model keeps its own config")
+        if tokenizer is not None:
+            check_tokenizer(model.config, tokenizer)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, head: bool = True, siglip: bool = False) -> SuperCLIP:
+        """Start from a pretrained HF ``CLIPModel`` (hub id or local dir); the head is freshly initialised."""
+        try:
+            clip = CLIPModel.from_pretrained(name_or_path)
+        except OSError as err:
+            where = "local directory" if os.path.isdir(name_or_path) else "preset name or hub id"
+            raise ValueError(
+                f"cannot load a CLIP model from {name_or_path!r} ({where}): {str(err).splitlines()[0]}; "
+                f"presets are {sorted(PRESETS)}"
+            ) from None
+        return cls(clip.config, head=head, siglip=siglip, clip=clip)
+
+    @property
+    def image_size(self) -> int:
+        return self.config.vision_config.image_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.text_config.vocab_size
+
+    def logit_scale(self) -> torch.Tensor:
+        """exp(logit scale), with the scale clamped to log(100) as in CLIP."""
+        return self.clip.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings (B, E): projection of the post-LayerNorm CLS token."""
+        return F.normalize(self.clip.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
+
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """L2-normalised text embeddings (B, E): projection of the end-of-text token's state."""
+        out = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        return F.normalize(out.pooler_output, dim=-1)
+
+    def forward(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor | None]:
+        """Named outputs: ``image_embeds``, ``text_embeds`` (normalised), ``logit_scale``,
+        ``logit_bias`` (SigLIP only) and ``vocab_logits`` (B, V) (None without a head)."""
+        vision = self.clip.get_image_features(pixel_values=pixel_values)
+        text = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        vocab_logits = None
+        if self.head is not None:
+            # patch tokens only (CLS excluded), after the tower's final LayerNorm: (B, 1 + P, W) -> (B, W)
+            patches = self.clip.vision_model.post_layernorm(vision.last_hidden_state[:, 1:])
+            vocab_logits = self.head(patches.mean(dim=1))
+        return {
+            "image_embeds": F.normalize(vision.pooler_output, dim=-1),
+            "text_embeds": F.normalize(text.pooler_output, dim=-1),
+            "logit_scale": self.logit_scale(),
+            "logit_bias": self.logit_bias,
+            "vocab_logits": vocab_logits,
+        }
