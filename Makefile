@@ -38,3 +38,6 @@ format: $(STAMP)  ## apply ruff fixes and formatting
 
 clean:  ## remove outputs and caches (keeps .venv and data)
 	rm -rf outputs lightning_logs .pytest_cache .ruff_cache
+
+data: $(STAMP)  ## render the demo data set into data/shapes (skipped when already up to date)
+	$(BIN)/python -m superclip_pl.synthetic --output-dir data/shapes

@@ -1,0 +1,190 @@
+"""Shape scenes of the demo data set: sampling, anti-aliased rendering and compositional captions.
+
+Each image holds 1-3 objects, each with a shape, a colour, a size and a 3x3-grid position, on a
+lightly shaded mid-tone background. ``synthetic.py`` writes them out as data sets.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# Shapes with distinct silhouettes at 32 px (no hexagon/octagon: they read as circles when small).
+SHAPES = ("circle", "square", "triangle", "star", "cross", "heart", "diamond", "ring")
+# Saturated or extreme colours; backgrounds below are muted mid-tones, so no object blends in.
+COLOUR_RGB = {
+    "red": (220, 35, 35),
+    "orange": (245, 135, 20),
+    "yellow": (245, 220, 30),
+    "green": (35, 165, 55),
+    "cyan": (40, 215, 225),
+    "blue": (35, 75, 230),
+    "purple": (140, 55, 200),
+    "pink": (250, 125, 195),
+    "white": (248, 248, 248),
+    "black": (20, 20, 20),
+}
+COLOURS = tuple(COLOUR_RGB)
+BACKGROUNDS = {"grey": (128, 128, 128), "beige": (178, 164, 134), "slate": (92, 106, 122)}
+# radius (centre to farthest vertex) as a fraction of the image side, and the words captions use
+SIZES = {"small": (0.095, 0.11), "large": (0.16, 0.18)}
+SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
+ROWS, COLS = ("top", "middle", "bottom"), ("left", "centre", "right")
+COUNT_WORDS = ("one", "two", "three")
+EDGE = 0.07  # keep objects this far (fraction of the side) from the border: training crops ~5% per side
+
+
+def _unit_polygon(shape: str) -> list[tuple[float, float]]:
+    """Vertices of ``shape`` inside the unit circle, y pointing down."""
+    ring = lambda n, r, a0=-math.pi / 2: [
+        (r * math.cos(a0 + 2 * math.pi * k / n), r * math.sin(a0 + 2 * math.pi * k / n)) for k in range(n)
+    ]
+    if shape in ("circle", "ring"):
+        return ring(48, 1.0)
+    if shape == "square":  # corners slightly outside the circle, or squares look smaller than circles
+        return ring(4, 1.12, -math.pi / 4)
+    if shape == "triangle":  # shifted down so that its area centre sits at the object centre
+        return [(x, y + 0.15) for x, y in ring(3, 1.05)]
+    if shape == "star":
+        outer, inner = ring(5, 1.0), ring(5, 0.45, -math.pi / 2 + math.pi / 5)
+        return [p for pair in zip(outer, inner, strict=True) for p in pair]
+    if shape == "cross":
+        a, b = 0.95, 0.33  # arm half-length and half-width
+        arm, pts = [(-b, -a), (b, -a), (b, -b)], []
+        for _ in range(4):  # one arm's outline, turned a quarter each time
+            pts, arm = pts + arm, [(-y, x) for x, y in arm]
+        return pts
+    if shape == "diamond":  # taller than wide, so it never looks like a rotated square
+        return [(0.0, -1.05), (0.68, 0.0), (0.0, 1.05), (-0.68, 0.0)]
+    if shape == "heart":
+        pts = []
+        for k in range(48):
+            t = 2 * math.pi * k / 48
+            x = 16 * math.sin(t) ** 3
+            y = 13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t)
+            pts.append((x / 17.0, -(y + 2.5) / 17.0))
+        return pts
+    raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
+
+
+_POLYGONS = {s: _unit_polygon(s) for s in SHAPES}
+
+
+def sample_scene(rng: random.Random, n_objects: int | None = None, **fixed: str) -> dict:
+    """Draw a scene: background, light shading and 1-3 non-overlapping objects with distinct looks.
+
+    ``fixed`` pins attributes of every object (e.g. ``shape="star"``); the eval sets use it to set labels.
+    """
+    n = n_objects or rng.randint(1, 3)
+    background = rng.choice(sorted(BACKGROUNDS))
+    tone, dx, dy = rng.randint(-10, 10), rng.uniform(-14, 14), rng.uniform(-14, 14)
+    shade = {"tone": tone, "dx": round(dx, 2), "dy": round(dy, 2)}  # gradient across the image, in 0-255
+    for _ in range(200):  # rejection sampling; corner cells always leave room, so this never runs out
+        objects, looks = [], set()
+        cells = rng.sample(range(9), n)
+        for cell in cells:
+            obj = {
+                "shape": rng.choice(SHAPES),
+                "colour": rng.choice(COLOURS),
+                "size": rng.choice(tuple(SIZES)),
+            }
+            obj.update(fixed)
+            looks.add((obj["shape"], obj["colour"]))
+            r = rng.uniform(*SIZES[obj["size"]])
+            row, col = divmod(cell, 3)
+            lo, hi = EDGE + r, 1 - EDGE - r
+            # cell centres at 0.2 / 0.5 / 0.8 of the side, jittered, clamped inside the safe border
+            x = min(max(0.2 + 0.3 * col + rng.uniform(-0.05, 0.05), lo), hi)
+            y = min(max(0.2 + 0.3 * row + rng.uniform(-0.05, 0.05), lo), hi)
+            obj.update(row=ROWS[row], col=COLS[col], x=round(x, 4), y=round(y, 4), radius=round(r, 4))
+            turns = obj["shape"] not in ("circle", "ring")
+            obj["rotation"] = round(rng.uniform(-12, 12), 2) if turns else 0.0
+            objects.append(obj)
+        apart = all(
+            math.dist((a["x"], a["y"]), (b["x"], b["y"])) >= a["radius"] + b["radius"] + 0.03
+            for i, a in enumerate(objects)
+            for b in objects[i + 1 :]
+        )
+        if apart and len(looks) == n:
+            return {"background": background, "shade": shade, "objects": objects}
+    raise RuntimeError(f"could not place {n} objects with {fixed}; relax the fixed attributes")
+
+
+def render_scene(scene: dict, image_size: int = 64, supersample: int = 4) -> Image.Image:
+    """Render a scene (as from ``sample_scene``) to an RGB image, anti-aliased by supersampling."""
+    side = image_size * supersample
+    # background: tone offset plus a gentle linear gradient at the output size; nearest-upscaled, since
+    # the final box-reduce gives the same pixels back (and a smooth upscale costs half the render time)
+    base = np.array(BACKGROUNDS[scene["background"]], np.float32) + scene["shade"]["tone"]
+    g = np.linspace(-1, 1, image_size, dtype=np.float32)
+    grad = scene["shade"]["dx"] * g[None, :] + scene["shade"]["dy"] * g[:, None]  # (H, W)
+    bg = np.clip(base + grad[..., None], 0, 255).astype(np.uint8)  # (H, W, 3)
+    img = Image.fromarray(bg).resize((side, side), Image.NEAREST)
+    draw = ImageDraw.Draw(img)
+    for obj in scene["objects"]:
+        fill = COLOUR_RGB[obj["colour"]]
+        cx, cy, r = obj["x"] * side, obj["y"] * side, obj["radius"] * side
+        if obj["shape"] == "ring":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=fill, width=max(1, round(0.42 * r)))
+            continue
+        a = math.radians(obj["rotation"])
+        ca, sa = math.cos(a), math.sin(a)
+        pts = [(cx + r * (ca * u - sa * v), cy + r * (sa * u + ca * v)) for u, v in _POLYGONS[obj["shape"]]]
+        draw.polygon(pts, fill=fill)
+    return img.reduce(supersample) if supersample > 1 else img
+
+
+def _where(obj: dict, rng: random.Random) -> str:
+    row, col = obj["row"], obj["col"]
+    if row == "middle" and col == "centre":
+        return rng.choice(("in the centre", "in the middle"))
+    if row == "middle":
+        return f"on the {col}"
+    if col == "centre":
+        return f"at the {row}"
+    return rng.choice((f"in the {row} {col}", f"in the {row} {col} corner"))
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
+def _join(parts: list[str], rng: random.Random) -> str:
+    if len(parts) == 1:
+        return parts[0]
+    return ", ".join(parts[:-1]) + rng.choice((" and ", ", and ")) + parts[-1]
+
+
+def caption_scene(scene: dict, rng: random.Random, template: int | None = None) -> str:
+    """An English caption naming every object's size, colour and shape (and, for some templates, place).
+
+    ``template`` picks one of ``N_TEMPLATES`` sentence patterns; by default one is drawn from ``rng``.
+    """
+    objs = list(scene["objects"])
+    rng.shuffle(objs)  # mention order must not give away the layout
+    size = lambda o: rng.choice(SIZE_WORDS[o["size"]])
+    plain = [f"a {size(o)} {o['colour']} {o['shape']}" for o in objs]
+    placed = [f"{p} {_where(o, rng)}" for p, o in zip(plain, objs, strict=True)]
+    n = len(objs)
+    count = f"{COUNT_WORDS[n - 1]} {rng.choice(('shape', 'object'))}{'s' if n > 1 else ''}"
+    bg = f"a {rng.choice(('', 'plain '))}{scene['background']} background"
+    patterns = (
+        lambda: _join(plain, rng),
+        lambda: _join(placed, rng),
+        lambda: f"{count}: {_join(placed, rng)}",
+        lambda: f"a photo of {count}: {_join(plain, rng)}",
+        lambda: f"{_join(plain, rng)} on {bg}",
+        lambda: f"an image with {count} on {bg}: {_join(placed, rng)}",
+        lambda: " ".join(f"there is {p}." for p in placed),
+        lambda: _join([f"{_a(o['colour'])} {o['shape']} that is {size(o)}" for o in objs], rng),
+        lambda: "; ".join(f"{_where(o, rng)}, {p}" for p, o in zip(plain, objs, strict=True)),
+        lambda: f"a simple drawing of {_join(plain, rng)}",
+        lambda: f"a picture of {_join(placed, rng)}, {count} in total",
+    )
+    return patterns[rng.randrange(len(patterns)) if template is None else template]()
+
+
+N_TEMPLATES = 11
