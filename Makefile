@@ -29,15 +29,29 @@ test-fast: $(STAMP)  ## run the tests not marked slow
 	$(BIN)/pytest -q -m "not slow"
 
 lint: $(STAMP)  ## ruff check and format check
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 format: $(STAMP)  ## apply ruff fixes and formatting
-	$(BIN)/ruff check --fix src tests
-	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks
 
 clean:  ## remove outputs and caches (keeps .venv and data)
 	rm -rf outputs lightning_logs .pytest_cache .ruff_cache
 
 data: $(STAMP)  ## render the demo data set into data/shapes (skipped when already up to date)
 	$(BIN)/python -m superclip_pl.synthetic --output-dir data/shapes
+
+demo: $(STAMP)  ## train CLIP and SuperCLIP on the shapes data (makes it if missing), compare them
+	$(BIN)/python -m superclip_pl.synthetic --output-dir data/shapes
+	$(BIN)/python -m superclip_pl.demo
+
+ablation: $(STAMP)  ## CLIP vs SuperCLIP at batch 8..128 x 3 seeds (ARGS="--seeds 0 --samples 5000" to shorten)
+	$(BIN)/python -m superclip_pl.synthetic --output-dir data/shapes
+	$(BIN)/python -m superclip_pl.ablation $(ARGS)
+
+bench: $(STAMP)  ## benchmarks (about 10 min on 2 cores): table + outputs/bench/results.json
+	$(BIN)/python benchmarks/run.py $(ARGS)
+
+gpu-check: $(STAMP)  ## on a CUDA machine: ViT-B/16 throughput and MFU, torch.compile, one FSDP step
+	$(BIN)/python benchmarks/gpu_check.py $(ARGS)

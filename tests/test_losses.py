@@ -151,3 +151,20 @@ def test_siglip_loss_equals_reference_and_shards_average_to_global():
         for r in range(2)
     ]
     torch.testing.assert_close((parts[0] + parts[1]) / 2, ref)
+
+
+def test_chunked_reduction_equals_one_chunk(monkeypatch):
+    from superclip_pl import losses
+
+    g = torch.Generator().manual_seed(4)
+    ids = random_captions(g)
+    idf = torch.rand(V, generator=g, dtype=torch.float64) * 3
+    logits = torch.randn(ids.shape[0], V, generator=g, dtype=torch.float64)
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    whole = classification_loss(a, ids, idf, [BOS, EOS])
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 2 * V)  # 2 rows per chunk, the last one short
+    chunked = classification_loss(b, ids, idf, [BOS, EOS])
+    whole.backward()
+    chunked.backward()
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=1e-12)

@@ -108,7 +108,11 @@ def test_presets_have_the_paper_widths():
 def test_pretrained_directory_loads_its_weights(tmp_path, tokenizer, batch):
     torch.manual_seed(1)
     source = SuperCLIP.build("tiny", tokenizer, overrides=MICRO)
-    source.clip.save_pretrained(tmp_path)
+    hf = CLIPModel(source.config)
+    state = source.clip.state_dict()
+    state["logit_scale"] = state["logit_scale"].reshape(())  # HF's 0-d scalar (ours is (1,) for FSDP2)
+    hf.load_state_dict(state)
+    hf.save_pretrained(tmp_path)
     loaded = SuperCLIP.build(str(tmp_path), tokenizer).eval()
     with torch.no_grad():
         torch.testing.assert_close(

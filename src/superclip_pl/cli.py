@@ -13,7 +13,7 @@ from superclip_pl.module import LitSuperCLIP
 
 
 class SuperCLIPCLI(LightningCLI):
-    """LightningCLI with the links between the data and the model, and ``metrics.json`` after evaluation."""
+    """LightningCLI with the links between the data and the model, and ``metrics.json`` after each run."""
 
     def add_arguments_to_parser(self, parser) -> None:
         # one tokenizer and one caption length feed both the data pipeline and the model
@@ -33,6 +33,9 @@ class SuperCLIPCLI(LightningCLI):
         (log_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         print(f"metrics written to {log_dir / 'metrics.json'}")
 
+    def after_fit(self) -> None:
+        self._write_metrics()
+
     def after_validate(self) -> None:
         self._write_metrics()
 
@@ -41,7 +44,8 @@ class SuperCLIPCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None, run: bool = True) -> SuperCLIPCLI | None:
-    """Console entry point; ``args`` (a list) lets tests call it in-process."""
+    """Console entry point; ``args`` (a list) lets tests call it in-process. With ``run=False`` the
+    arguments carry no subcommand and the CLI only parses and instantiates."""
     argv = sys.argv[1:] if args is None else list(args)
     if argv and argv[0] == "export":
         from superclip_pl.export import main as export_main
@@ -55,8 +59,9 @@ def main(args: list[str] | None = None, run: bool = True) -> SuperCLIPCLI | None
         LitSuperCLIP,
         ImageTextDataModule,
         subclass_mode_data=True,
-        args=argv,
+        args=args,
         run=run,
+        auto_configure_optimizers=False,  # LitSuperCLIP builds its own AdamW groups and schedule
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": "Train and evaluate SuperCLIP models (CLIP + vocabulary classifier)."},
     )

@@ -79,6 +79,39 @@ def caption_token_mask(input_ids: torch.Tensor, ignore_ids: Iterable[int] | torc
     return ids, keep
 
 
+# rows of the (B, V) logits handled at once in fp32: bounds the temporaries to ~16 MB whatever B and V
+CHUNK_ELEMENTS = 2**22
+
+
+class _SoftTargetCrossEntropy(torch.autograd.Function):
+    """sum_b valid_b (logsumexp(z_b) - sum_t p_bt z_b[ids_bt]) / B with a hand-written backward.
+
+    Autograd's logsumexp + gather keep several (B, V) temporaries alive; here the forward reduces in
+    row chunks and the backward writes the gradient, softmax(z) - p scattered, into one (B, V) buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, ids: torch.Tensor, p: torch.Tensor, valid: torch.Tensor):
+        rows = max(1, CHUNK_ELEMENTS // logits.shape[1])
+        lse = torch.cat([torch.logsumexp(_upcast(c), dim=1) for c in logits.split(rows)])  # (B,)
+        target = (p * _upcast(logits.gather(1, ids))).sum(dim=1)  # (B,)
+        ctx.save_for_backward(logits, ids, p, lse, valid)
+        return ((lse - target) * valid).sum() / logits.shape[0]
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        logits, ids, p, lse, valid = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        scale = grad_output * valid / logits.shape[0]  # (B,)
+        rows = max(1, CHUNK_ELEMENTS // logits.shape[1])
+        for i in range(0, logits.shape[0], rows):
+            j = min(i + rows, logits.shape[0])
+            g = (_upcast(logits[i:j]) - lse[i:j, None]).exp_()  # softmax of the rows
+            g.scatter_add_(1, ids[i:j], -p[i:j])  # minus the soft target
+            grad[i:j] = g.mul_(scale[i:j, None])
+        return grad, None, None, None
+
+
 def classification_loss(
     logits: torch.Tensor,
     input_ids: torch.Tensor,
@@ -90,17 +123,15 @@ def classification_loss(
     For caption b with token set S_b: p_bt = w_t / sum_{t' in S_b} w_t' and
     loss_b = logsumexp(z_b) - sum_{t in S_b} p_bt z_bt; the result is the mean over the batch, a caption
     whose weights sum to 0 contributing 0. Only (B, T) gathers are built, never a (B, V) target, and
-    the reductions run in fp32 (fp64 if given) whatever the dtype of ``logits`` (bf16 autocast).
+    the reductions run in fp32 (fp64 if given) whatever the dtype of ``logits`` (bf16 autocast); the
+    gradient is written into one (B, V) buffer of the logits' dtype.
     """
     ids, keep = caption_token_mask(input_ids, ignore_ids)
-    # reductions in fp32 (or fp64 when given): bf16 logits from autocast are upcast here
-    z = _upcast(logits)
-    weights = idf.to(z.dtype)[ids] * keep  # (B, T)
+    dtype = _upcast(logits[:0]).dtype
+    weights = idf.to(dtype)[ids] * keep  # (B, T)
     total = weights.sum(dim=1, keepdim=True)  # (B, 1)
-    p = weights / total.clamp_min(torch.finfo(z.dtype).tiny)
-    target_logit = (p * z.gather(1, ids)).sum(dim=1)  # (B,)
-    per_caption = (torch.logsumexp(z, dim=1) - target_logit) * (total.squeeze(1) > 0)
-    return per_caption.mean()
+    p = weights / total.clamp_min(torch.finfo(dtype).tiny)
+    return _SoftTargetCrossEntropy.apply(logits, ids, p, (total.squeeze(1) > 0).to(dtype))
 
 
 class DocumentFrequency(nn.Module):
@@ -123,7 +154,7 @@ class DocumentFrequency(nn.Module):
         """Counts of one local batch, (V + 1,): per-token caption counts, then the caption count."""
         ids, keep = caption_token_mask(input_ids, ignore_ids)
         counts = torch.zeros(self.vocab_size + 1, dtype=torch.long, device=input_ids.device)
-        counts.index_add_(0, ids[keep], torch.ones_like(ids[keep]))
+        counts.index_add_(0, ids.flatten(), keep.flatten().long())  # no boolean indexing: no host sync
         counts[-1] = input_ids.shape[0]
         return counts
 

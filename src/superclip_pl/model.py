@@ -168,7 +168,10 @@ class SuperCLIP(nn.Module):
         width = self.config.vision_config.hidden_size
         eps = self.config.vision_config.layer_norm_eps
         self.head = VocabularyHead(width, self.config.text_config.vocab_size, eps) if head else None
-        self.logit_bias = nn.Parameter(torch.tensor(-10.0)) if siglip else None
+        # scalars are held as shape (1,): FSDP2 shards along dim 0 and refuses 0-d parameters, and one
+        # shape under every strategy keeps checkpoints interchangeable (export writes HF's 0-d back)
+        self.clip.logit_scale = nn.Parameter(self.clip.logit_scale.detach().reshape(1))
+        self.logit_bias = nn.Parameter(torch.full((1,), -10.0)) if siglip else None
         if siglip and clip is None:
             with torch.no_grad():
                 self.clip.logit_scale.fill_(math.log(10.0))
@@ -204,7 +207,9 @@ class SuperCLIP(nn.Module):
     def from_pretrained(cls, name_or_path: str, head: bool = True, siglip: bool = False) -> SuperCLIP:
         """Start from a pretrained HF ``CLIPModel`` (hub id or local dir); the head is freshly initialised."""
         try:
-            clip = CLIPModel.from_pretrained(name_or_path)
+            # float32 master weights whatever the saved dtype (autocast handles bf16); HF returns the
+            # model in eval mode, and fine-tuning wants dropout etc. as configured
+            clip = CLIPModel.from_pretrained(name_or_path, dtype=torch.float32).train()
         except OSError as err:
             where = "local directory" if os.path.isdir(name_or_path) else "preset name or hub id"
             raise ValueError(
@@ -222,8 +227,8 @@ class SuperCLIP(nn.Module):
         return self.config.text_config.vocab_size
 
     def logit_scale(self) -> torch.Tensor:
-        """exp(logit scale), with the scale clamped to log(100) as in CLIP."""
-        return self.clip.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+        """exp(logit scale) as a 0-d tensor, with the scale clamped to log(100) as in CLIP."""
+        return self.clip.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp().sum()  # (1,) -> 0-d, not a view
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings (B, E): projection of the post-LayerNorm CLS token."""
@@ -252,6 +257,6 @@ class SuperCLIP(nn.Module):
             "image_embeds": F.normalize(vision.pooler_output, dim=-1),
             "text_embeds": F.normalize(text.pooler_output, dim=-1),
             "logit_scale": self.logit_scale(),
-            "logit_bias": self.logit_bias,
+            "logit_bias": None if self.logit_bias is None else self.logit_bias.sum(),
             "vocab_logits": vocab_logits,
         }

@@ -147,11 +147,22 @@ class LitSuperCLIP(LightningModule):
         self.log("train/samples_seen", self.samples_seen.float(), batch_size=batch_size)
         return terms["loss"]
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def _evaluation_step(self, batch: dict[str, torch.Tensor] | None, stage: str) -> None:
+        # a data module without a val/test source yields one empty batch, so that the loop (and the
+        # evaluation callbacks at its end) still runs
+        if not batch:
+            return
         terms = self.compute_losses(batch, train=False)
+        size = batch["input_ids"].shape[0]
         for name in ("loss", "contrastive_loss", "class_loss"):
             if name in terms:
-                self.log(f"val/{name}", terms[name], sync_dist=True, batch_size=batch["input_ids"].shape[0])
+                self.log(f"{stage}/{name}", terms[name], sync_dist=True, batch_size=size)
+
+    def validation_step(self, batch: dict[str, torch.Tensor] | None, batch_idx: int) -> None:
+        self._evaluation_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor] | None, batch_idx: int) -> None:
+        self._evaluation_step(batch, "test")
 
     # -- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -172,15 +183,13 @@ class LitSuperCLIP(LightningModule):
         mesh = self.device_mesh
         if mesh is None:
             return
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
         dp_mesh = mesh["data_parallel"]
         clip = self.model.clip
-        # FSDP2 shards along dim 0 and refuses 0-d parameters: hold logit scale / bias as shape (1,)
-        for owner, name in ((clip, "logit_scale"), (self.model, "logit_bias")):
-            p = getattr(owner, name)
-            if p is not None and p.ndim == 0:
-                setattr(owner, name, nn.Parameter(p.detach().reshape(1)))
         for layer in [*clip.vision_model.encoder.layers, *clip.text_model.encoder.layers]:
             fully_shard(layer, mesh=dp_mesh)
         fully_shard(self.model, mesh=dp_mesh)
+        # evaluation calls these instead of forward: they must gather the sharded root parameters too
+        register_fsdp_forward_method(self.model, "encode_image")
+        register_fsdp_forward_method(self.model, "encode_text")

@@ -30,7 +30,7 @@ from superclip_pl.scenes import (
 )
 
 # Bump when rendering or captions change, so that `make data` regenerates stale sets.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: deterministic tokenizer merges
 
 RETRIEVAL_CAPTIONS = 3  # captions per retrieval image, each from a different template
 

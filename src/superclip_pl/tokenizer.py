@@ -9,30 +9,74 @@ suffix, and the two CLIP special tokens appended at the *end* of the vocabulary,
 
 from __future__ import annotations
 
-import json
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
+END = "</w>"  # end-of-word suffix of the last symbol of every word
+
+
+def learn_merges(word_counts: Counter[str], max_tokens: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """Byte-pair merges over words (CLIP style: the last symbol of a word carries ``</w>``).
+
+    Deterministic: the most frequent pair wins, ties go to the lexicographically smallest pair (the
+    ``tokenizers`` trainer breaks ties by ids it assigns in hash order, so it differs between runs).
+    Works on the distinct words with their counts: fine for captions of a synthetic or small corpus.
+    Stops at ``max_tokens`` tokens (initial symbols + merged) or when no pair is left to merge.
+    Returns the initial symbols (sorted) and the merges in order.
+    """
+    words = {w: [*w[:-1], w[-1] + END] for w in word_counts if w}
+    alphabet = sorted({sym for syms in words.values() for sym in syms})
+    merges: list[tuple[str, str]] = []
+    merged: set[str] = set()
+    while len(alphabet) + len(merged) < max_tokens:
+        pairs: Counter[tuple[str, str]] = Counter()
+        for w, syms in words.items():
+            for pair in zip(syms, syms[1:], strict=False):
+                pairs[pair] += word_counts[w]
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        joined = best[0] + best[1]
+        merged.add(joined)
+        for w, syms in words.items():
+            i, out = 0, []
+            while i < len(syms):
+                if i + 1 < len(syms) and (syms[i], syms[i + 1]) == best:
+                    out.append(joined)
+                    i += 2
+                else:
+                    out.append(syms[i])
+                    i += 1
+            words[w] = out
+    return alphabet, merges
 
 
 def train_bpe_tokenizer(
     texts: Iterable[str], output_dir: str | Path | None = None, vocab_size: int = 512, max_length: int = 77
 ) -> PreTrainedTokenizerFast:
-    """Train a BPE tokenizer on ``texts``; save it to ``output_dir`` (loadable by ``AutoTokenizer``)."""
-    tok = Tokenizer(models.BPE(unk_token=None, end_of_word_suffix="</w>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
-    tok.decoder = decoders.BPEDecoder(suffix="</w>")
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - 2, end_of_word_suffix="</w>", show_progress=False, min_frequency=1
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    tok = _canonical_ids(tok)
+    """Train a BPE tokenizer on ``texts``; save it to ``output_dir`` (loadable by ``AutoTokenizer``).
+
+    The vocabulary holds at most ``vocab_size`` tokens (fewer when the text runs out of pairs to merge):
+    initial symbols in sorted order, merged tokens in merge order, then the two special tokens.
+    """
+    normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    pre_tokenizer = pre_tokenizers.Whitespace()
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    alphabet, merges = learn_merges(counts, vocab_size - 2)
+    tokens = alphabet + [t for t in dict.fromkeys(a + b for a, b in merges) if t not in alphabet]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, end_of_word_suffix=END))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
+    tok.decoder = decoders.BPEDecoder(suffix=END)
     # special tokens go last, as in CLIP, so that ids 0.. are ordinary tokens
     tok.add_special_tokens([BOS, EOS])
     bos, eos = tok.token_to_id(BOS), tok.token_to_id(EOS)
@@ -51,21 +95,6 @@ def train_bpe_tokenizer(
     if output_dir is not None:
         hf.save_pretrained(str(output_dir))
     return hf
-
-
-def _canonical_ids(tok: Tokenizer) -> Tokenizer:
-    """Renumber the vocabulary reproducibly: the BPE trainer numbers the initial symbols in hash order.
-
-    Initial symbols (single characters, with and without ``</w>``) come first in sorted order, then the
-    merged tokens in merge order; the merges themselves, and so every tokenisation, are unchanged.
-    """
-    spec = json.loads(tok.to_str())
-    model = spec["model"]
-    merged = ["".join(m) if isinstance(m, list) else m.replace(" ", "") for m in model["merges"]]
-    merged = [t for t in dict.fromkeys(merged) if t in model["vocab"]]
-    initial = sorted(set(model["vocab"]) - set(merged))
-    model["vocab"] = {t: i for i, t in enumerate(initial + merged)}
-    return Tokenizer.from_str(json.dumps(spec))
 
 
 def load_tokenizer(name_or_path: str):

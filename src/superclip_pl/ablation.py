@@ -1,0 +1,156 @@
+"""``make ablation``: CLIP vs SuperCLIP across batch sizes at equal samples seen, several seeds.
+
+    python -m superclip_pl.ablation [--batch-sizes 8 16 32 64 128] [--seeds 0 1 2] [--samples 10000]
+                                    [--jobs 2] [--output-dir outputs/ablation]
+
+The paper's teaser redone at small scale: the SuperCLIP - CLIP gap against batch size. Finished runs
+are kept in ``results.json``, so an interrupted ablation resumes where it stopped (``--fresh`` redoes
+everything). Writes ``results.json`` and ``ablation.png`` (mean +- std over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from superclip_pl.demo import METHODS
+from superclip_pl.experiments import Run, headline, run_all
+
+HEADLINES = {
+    "zeroshot_mean_top1": "zero-shot top-1 (mean of shape, colour, count)",
+    "retrieval_mean_R@1": "retrieval R@1 (mean of i2t, t2i)",
+}
+
+
+def summarise(runs: dict[str, dict]) -> dict:
+    """Mean, std and per-seed values of the headline metrics per method and batch size."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in runs.values():
+        groups.setdefault((r["method"], r["batch_size"]), []).append(r)
+    out = {}
+    for (method, bs), rs in sorted(groups.items()):
+        entry = {"seeds": sorted(r["seed"] for r in rs)}
+        for key in HEADLINES:
+            values = [r["metrics"][key] for r in sorted(rs, key=lambda r: r["seed"])]
+            entry[key] = {
+                "mean": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "values": values,
+            }
+        out.setdefault(method, {})[str(bs)] = entry
+    return out
+
+
+def gaps(summary: dict) -> dict:
+    """SuperCLIP - CLIP of the mean over seeds, per batch size and headline metric."""
+    both = set(summary.get("clip", {})) & set(summary.get("superclip", {}))
+    return {
+        bs: {k: summary["superclip"][bs][k]["mean"] - summary["clip"][bs][k]["mean"] for k in HEADLINES}
+        for bs in sorted(both, key=int)
+    }
+
+
+def plot(summary: dict, path: Path, samples: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (key, label) in zip(axes, HEADLINES.items(), strict=True):
+        for method, style in (("clip", "o--"), ("superclip", "s-")):
+            if method not in summary:
+                continue
+            sizes = sorted(summary[method], key=int)
+            ax.errorbar(
+                [int(b) for b in sizes],
+                [summary[method][b][key]["mean"] for b in sizes],
+                yerr=[summary[method][b][key]["std"] for b in sizes],
+                fmt=style,
+                capsize=3,
+                label={"clip": "CLIP", "superclip": "SuperCLIP"}[method],
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"shapes: CLIP vs SuperCLIP at {samples} samples seen (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--samples", type=int, default=10000, help="training samples seen by every run")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once (threads are split between them)")
+    parser.add_argument("--output-dir", type=Path, default=Path("outputs/ablation"))
+    parser.add_argument("--configs-dir", type=Path, default=Path("configs"), help="where demo*.yaml are")
+    parser.add_argument("--fresh", action="store_true", help="ignore the runs already in results.json")
+    parser.add_argument(
+        "--extra",
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="further `superclip fit` arguments for every run (last on the line)",
+    )
+    args = parser.parse_args(argv)
+    if not Path("data/shapes/manifest.json").exists():
+        raise SystemExit("data/shapes is missing: run `make data` first (`make ablation` does it for you)")
+    results_path = args.output_dir / "results.json"
+    previous = {} if args.fresh or not results_path.exists() else json.loads(results_path.read_text())
+    setup = {"samples": args.samples, "extra": args.extra}
+    done = previous.get("runs", {}) if previous.get("setup", {}).get("samples") == args.samples else {}
+
+    grid = [(m, bs, s) for bs in args.batch_sizes for s in args.seeds for m in METHODS]
+    todo = [g for g in grid if f"{g[0]}/bs{g[1]}/seed{g[2]}" not in done]
+    runs = [
+        Run(
+            m,
+            str(args.configs_dir / METHODS[m]),
+            args.output_dir,
+            f"bs{bs}-seed{s}",
+            bs,
+            args.samples,
+            s,
+            extra=args.extra,
+        )
+        for m, bs, s in todo
+    ]
+    print(
+        f"ablation: {len(grid)} runs, {len(grid) - len(todo)} already done, {len(todo)} to go "
+        f"({args.jobs} at a time)"
+    )
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+
+    def record(run: Run, metrics: dict) -> None:  # saved after every run: an interruption keeps them
+        done[f"{run.name}/bs{run.batch_size}/seed{run.seed}"] = {
+            "method": run.name,
+            "batch_size": run.batch_size,
+            "seed": run.seed,
+            "metrics": {**metrics, **headline(metrics)},
+        }
+        summary = summarise(done)
+        results = {"setup": setup, "summary": summary, "gap": gaps(summary), "runs": done}
+        results_path.write_text(json.dumps(results, indent=2) + "\n")
+
+    run_all(runs, jobs=args.jobs, desc="ablation", on_done=record)
+    summary = summarise(done)
+    plot(summary, args.output_dir / "ablation.png", args.samples)
+    print(f"\n{'batch':>6}  " + "  ".join(f"{k:>28}" for k in HEADLINES))
+    for bs, gap in gaps(summary).items():
+        clip, sup = summary["clip"][bs], summary["superclip"][bs]
+        cells = [f"{clip[k]['mean']:.3f} -> {sup[k]['mean']:.3f} ({gap[k]:+.3f})" for k in HEADLINES]
+        print(f"{bs:>6}  " + "  ".join(f"{c:>28}" for c in cells))
+    print(f"\nresults: {results_path}, plot: {args.output_dir / 'ablation.png'}")
+    return json.loads(results_path.read_text())
+
+
+if __name__ == "__main__":
+    main()

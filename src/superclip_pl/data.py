@@ -1,0 +1,291 @@
+"""ImageTextDataModule: streaming image-caption data for SuperCLIP, split over ranks and workers.
+
+Training reads an infinite, block-shuffled stream (the trainer's `max_steps` decides its length)
+whose exact position is saved in checkpoints; validation reads its source once per pass, in order.
+Bad samples are skipped and counted per reason; the counts are logged as `data/skipped_<reason>`,
+summarised at the end, and the run stops when more than `max_skip_fraction` of samples are bad.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import lightning as L
+import torch
+from datasets.distributed import split_dataset_by_node
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader
+
+from superclip_pl.loader import StreamLoader
+from superclip_pl.samples import REASONS, Collate, SampleDecoder, check_skip_fraction
+from superclip_pl.sources import DataSource, open_source, resolve_columns, sharding_advice
+from superclip_pl.stream import ImageTextStream
+from superclip_pl.transforms import eval_transform, load_tokenizer, train_transform
+
+# the skipped fraction is only judged after this many training samples (all ranks together)
+MIN_SAMPLES_FOR_SKIP_CHECK = 1000
+ROLES = ("train", "val", "test")
+
+
+def _empty_step() -> DataLoader:
+    """One empty batch: Lightning skips a loop with no batches, hooks included, and the evaluation
+    callbacks run at the end of the validation / test loop."""
+    return DataLoader([{}], batch_size=None)
+
+
+def image_text_stream(
+    source: DataSource,
+    *,
+    image_size: int = 224,
+    training: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    shuffle_buffer: int = 0,
+    seed: int = 0,
+    infinite: bool | None = None,
+    max_image_pixels: int = 2**25,
+    role: str = "train",
+) -> ImageTextStream:
+    """The stream of decoded samples that rank `rank` of `world_size` reads from `source`.
+
+    Opens the source and reads one example now, so that a missing path or a wrong column fails
+    here with a one-line message rather than later inside a DataLoader worker. `training` selects
+    the random-crop transform and a random caption among several; `infinite` defaults to it.
+    """
+    hf = open_source(source, role)
+    examples = iter(hf)
+    first = next(examples, None)
+    examples.close()
+    if first is None:
+        raise ValueError(f"data.{role}: {source.describe()} has no example")
+    columns = resolve_columns(list(first), source, role)
+    transform = train_transform(image_size) if training else eval_transform(image_size)
+    decoder = SampleDecoder(
+        columns, transform, max_image_pixels, random_caption=training, draft=image_size if training else None
+    )
+    ours = split_dataset_by_node(hf.select_columns(columns.all), rank=rank, world_size=world_size)
+    return ImageTextStream(
+        ours,
+        decoder,
+        shuffle_buffer=shuffle_buffer,
+        seed=seed,
+        infinite=training if infinite is None else infinite,
+        rank=rank,
+        source_shards=hf.num_shards,
+    )
+
+
+def per_device_batch_size(global_batch_size: int, world_size: int, accumulate_grad_batches: int = 1) -> int:
+    """global = per-device x world_size x accumulate_grad_batches, or a clear error."""
+    per_step = world_size * accumulate_grad_batches
+    if global_batch_size % per_step:
+        raise ValueError(
+            f"data.global_batch_size={global_batch_size} is not divisible by world_size={world_size} x "
+            f"accumulate_grad_batches={accumulate_grad_batches}; use a multiple of {per_step}"
+        )
+    return global_batch_size // per_step
+
+
+def _gather(obj, world_size: int) -> list:
+    """`obj` from every rank (rank order); must be called by all ranks together."""
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        out = [None] * world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+class ImageTextDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        tokenizer: str,
+        train: DataSource | None = None,
+        val: DataSource | None = None,
+        test: DataSource | None = None,
+        batch_size: int = 16,
+        global_batch_size: int | None = None,
+        num_workers: int = 2,
+        image_size: int = 224,
+        max_length: int = 77,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        max_skip_fraction: float = 0.01,
+        max_image_pixels: int = 2**25,
+    ) -> None:
+        """Streaming image-caption pairs, tokenised, as `pixel_values` / `input_ids` / `attention_mask`.
+
+        Args:
+            tokenizer: tokenizer directory or hub id (e.g. openai/clip-vit-base-patch16).
+            train: training source (needed to fit); read as an endless shuffled stream.
+            val: validation source; read once per validation, in order. Without one, validation
+                runs a single empty step, so that evaluation callbacks still run at its end.
+            test: test source for `superclip test`, read like `val` (an empty step without one).
+            batch_size: samples per device and step (ignored when global_batch_size is set).
+            global_batch_size: samples per optimizer step over all devices; the per-device batch is
+                global_batch_size / (world_size x accumulate_grad_batches).
+            num_workers: DataLoader worker processes per device; shards are split over them.
+            image_size: side of the square images fed to the model.
+            max_length: longest caption in tokens (CLIP: 77); longer ones are cut, keeping EOS.
+            shuffle_buffer: training samples shuffled together per block (per worker); 0 = stream order.
+            seed: seed of the shuffle and caption choice; each epoch, rank and worker derive their own.
+            max_skip_fraction: stop training when more than this fraction of samples was unusable.
+            max_image_pixels: skip images with more pixels than this, before decoding them.
+        """
+        super().__init__()
+        self.tokenizer_name, self.train, self.val, self.test = tokenizer, train, val, test
+        self.batch_size, self.global_batch_size, self.num_workers = batch_size, global_batch_size, num_workers
+        self.image_size, self.max_length = image_size, max_length
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.max_skip_fraction, self.max_image_pixels = max_skip_fraction, max_image_pixels
+        self.tokenizer = None  # loaded in setup()
+        self.batch_size_per_device = batch_size
+        self.streams: dict[str, ImageTextStream] = {}
+        self.seen: Counter[str] = Counter()  # samples read (usable + skipped) per role, this rank
+        self.skipped: dict[str, Counter[str]] = {role: Counter() for role in ROLES}
+        self.train_totals: tuple[int, dict[str, int]] | None = None  # all ranks, at the last sync
+        self._train_loader: StreamLoader | None = None
+        self._resume: list[dict] | None = None
+
+    def _rank_world(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+
+    def setup(self, stage: str) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.tokenizer_name)
+        rank, world_size = self._rank_world()
+        if self.global_batch_size is not None:
+            accumulate = self.trainer.accumulate_grad_batches if self.trainer else 1
+            self.batch_size_per_device = per_device_batch_size(self.global_batch_size, world_size, accumulate)
+        roles = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())
+        for role in roles:
+            source = getattr(self, role)
+            if source is None and role == "train":
+                raise ValueError("data.train is required to fit: set data.train.path (and data_files)")
+            if source is None or role in self.streams:
+                continue
+            training = role == "train"
+            stream = image_text_stream(
+                source,
+                image_size=self.image_size,
+                training=training,
+                rank=rank,
+                world_size=world_size,
+                shuffle_buffer=self.shuffle_buffer if training else 0,
+                seed=self.seed,
+                max_image_pixels=self.max_image_pixels,
+                role=role,
+            )
+            self.streams[role] = stream
+            if advice := sharding_advice(stream.source_shards, world_size, self.num_workers):
+                rank_zero_warn(f"data.{role}: {advice}")
+
+    def _on_cuda(self) -> bool:
+        """Batches go to a CUDA device (so pinned memory speeds their copy up)."""
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
+
+    def _loader(self, role: str, track_consumed: bool = False) -> StreamLoader:
+        rank, world_size = self._rank_world()
+        return StreamLoader(
+            self.streams[role],
+            batch_size=self.batch_size_per_device,
+            num_workers=self.num_workers,
+            collate_fn=Collate(self.tokenizer, self.max_length),
+            pin_memory=self._on_cuda(),
+            rank=rank,
+            world_size=world_size,
+            track_consumed=track_consumed,
+        )
+
+    def train_dataloader(self) -> StreamLoader:
+        self._train_loader = self._loader("train", track_consumed=self.trainer is not None)
+        if self._resume is not None:
+            self._restore()
+        return self._train_loader
+
+    def val_dataloader(self) -> StreamLoader | DataLoader:
+        return self._loader("val") if "val" in self.streams else _empty_step()
+
+    def test_dataloader(self) -> StreamLoader | DataLoader:
+        return self._loader("test") if "test" in self.streams else _empty_step()
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Count skips carried by the batch (so every worker's count arrives exactly once)."""
+        if not batch:  # the empty step of a loop without data
+            return batch
+        skipped = batch.pop("skipped", {})
+        trainer = self.trainer
+        role = "train" if trainer is not None and trainer.training else "val"
+        if trainer is not None and trainer.testing:
+            role = "test"
+        self.seen[role] += len(batch["keys"]) + sum(skipped.values())
+        self.skipped[role].update(skipped)
+        if role == "train":
+            if self._train_loader is not None:
+                self._train_loader.mark_consumed()  # this batch is about to be trained on
+            last_step = 0 < trainer.max_steps <= trainer.global_step + 1
+            if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0 or last_step:
+                self._sync_and_check()
+        return batch
+
+    def _sync_and_check(self) -> None:
+        """Sum the training counts over ranks, log them, and stop if too many samples were bad.
+
+        Called by every rank on the same training batches, so the collective and the error agree.
+        """
+        strategy = self.trainer.strategy
+        local = [self.seen["train"], *(self.skipped["train"][r] for r in REASONS)]
+        total = strategy.reduce(torch.tensor(local, device=strategy.root_device), reduce_op="sum").tolist()
+        seen, counts = int(total[0]), dict(zip(REASONS, map(int, total[1:]), strict=True))
+        self.train_totals = (seen, counts)
+        metrics = {
+            "data/samples_read": float(seen),
+            **{f"data/skipped_{r}": float(n) for r, n in counts.items()},
+        }
+        for logger in self.trainer.loggers:
+            logger.log_metrics(metrics, step=self.trainer.global_step)
+        check_skip_fraction(seen, counts, self.max_skip_fraction, MIN_SAMPLES_FOR_SKIP_CHECK)
+
+    def skip_summary(self, role: str) -> list[str]:
+        """One line with the totals, then one line per skip reason."""
+        seen, counts = self.seen[role], self.skipped[role]
+        where = "this rank"
+        if role == "train" and self.train_totals is not None and self._rank_world()[1] > 1:
+            (seen, counts), where = self.train_totals, "all ranks, at the last logged step"
+        total = sum(counts.values())
+        lines = [f"data.{role}: {seen} samples read, {total} skipped ({total / max(seen, 1):.2%}; {where})"]
+        return lines + [f"data.{role}: skipped {n} {reason}" for reason, n in counts.items() if n]
+
+    def teardown(self, stage: str) -> None:
+        for role in ROLES:
+            if self.seen[role]:
+                rank_zero_info("\n".join(self.skip_summary(role)))
+
+    def state_dict(self) -> dict:
+        """Every rank's training stream position and counts (gathered: rank 0 writes the checkpoint)."""
+        if self._train_loader is None:
+            return {}
+        mine = {"loader": self._train_loader.state_dict(), "seen": self.seen["train"]}
+        mine["skipped"] = dict(self.skipped["train"])
+        return {"ranks": _gather(mine, self._rank_world()[1])}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume = state_dict.get("ranks")
+        if self._resume is not None and self._train_loader is not None:
+            self._restore()
+
+    def _restore(self) -> None:
+        """Give the training loader this rank's saved position (before it starts iterating)."""
+        saved, self._resume = self._resume, None
+        rank, world_size = self._rank_world()
+        if len(saved) != world_size or saved[rank]["loader"]["num_workers"] != self.num_workers:
+            rank_zero_warn(
+                f"data: the checkpoint's stream positions are for {len(saved)} ranks x "
+                f"{saved[0]['loader']['num_workers']} workers, this run has {world_size} x "
+                f"{self.num_workers}: the training stream restarts from its beginning"
+            )
+            return
+        mine = saved[rank]
+        self._train_loader.load_state_dict(mine["loader"])
+        self.seen["train"], self.skipped["train"] = mine["seen"], Counter(mine["skipped"])

@@ -1,0 +1,244 @@
+"""``superclip export``: a SuperCLIP checkpoint -> a plain transformers ``CLIPModel`` directory.
+
+The directory holds ``model.safetensors`` (the two towers, their projections and the logit scale;
+the training-only vocabulary head and the SigLIP logit bias are left out), ``config.json``, the
+training tokenizer, a ``CLIPImageProcessor`` that reproduces :func:`superclip_pl.transforms.eval_transform`
+(resize the shortest side, centre crop, OpenAI CLIP mean/std, bicubic), the ``CLIPProcessor`` that
+joins them, and a model card ``README.md``. ``transformers.pipeline("zero-shot-image-classification",
+model=DIR)`` loads it offline.
+
+Checkpoints are read as state dicts: nothing is trained or randomly initialised, the weights are
+checked key by key and shape by shape against the ``CLIPConfig`` rebuilt from the hyperparameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
+
+from superclip_pl.model import MAX_LOGIT_SCALE, PRESETS, clip_config
+from superclip_pl.modelcard import model_card
+from superclip_pl.tokenizer import load_tokenizer
+from superclip_pl.transforms import CLIP_MEAN, CLIP_STD
+
+PREFIX = "model.clip."  # LitSuperCLIP.model (SuperCLIP) .clip (CLIPModel)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DCP_META = "meta.pt"  # what Lightning's ModelParallelStrategy writes next to the shards (rank 0)
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(state_dict, rest)`` of a Lightning ``.ckpt`` file or a distributed checkpoint directory."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.is_dir():
+        if not (path / DCP_META).is_file() or not (path / ".metadata").is_file():
+            raise ValueError(
+                f"{str(path)!r} is a directory but not a Lightning distributed checkpoint "
+                f"(no {DCP_META} and .metadata); pass a .ckpt file or a directory an FSDP strategy saved"
+            )
+        return _read_distributed(path)
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
+        raise ValueError(f"{str(path)!r} is not a SuperCLIP checkpoint: not a file written by torch.save")
+    try:
+        # plain tensors and Python values only: a checkpoint cannot run code while being read
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:  # a pickle, but with objects other than tensors and builtins
+        raise ValueError(
+            f"{str(path)!r} holds objects torch.load(weights_only=True) refuses "
+            f"({_first_line(err)}); if you trust it, re-save its state_dict and hyper_parameters alone"
+        ) from None
+    except Exception as err:  # not a zip or pickle at all
+        raise ValueError(
+            f"{str(path)!r} is not a SuperCLIP checkpoint: torch.load cannot read it ({_first_line(err)})"
+        ) from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"{str(path)!r} is not a SuperCLIP checkpoint: it holds no Lightning state_dict")
+    return ckpt.pop("state_dict"), ckpt
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+
+
+def _read_distributed(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The full (unsharded) model state of a ``torch.distributed.checkpoint`` directory, in one process.
+
+    Only the model entries are read (the optimizer states, twice the model, are skipped); DCP
+    reassembles each tensor from its shards into the full-size tensors allocated here.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(path))
+    entries = reader.read_metadata().state_dict_metadata
+    # Lightning saves {"state_dict": ..., "optimizer_0": ...} (ModelParallelStrategy) or {"model": ...}
+    # (FSDPStrategy); DCP flattens nested keys with dots
+    for top in ("state_dict", "model"):
+        state = {
+            key[len(top) + 1 :]: torch.empty(meta.size, dtype=meta.properties.dtype)
+            for key, meta in entries.items()
+            if key.startswith(top + ".") and isinstance(meta, TensorStorageMetadata)
+        }
+        if state:
+            break
+    wrapped = {top: state}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(wrapped, storage_reader=reader, no_dist=True)
+    rest = torch.load(path / DCP_META, map_location="cpu", weights_only=True)
+    return wrapped[top], rest
+
+
+def rebuild_config(hparams: dict[str, Any], tokenizer) -> CLIPConfig:
+    """The ``CLIPConfig`` the run trained, rebuilt the way ``SuperCLIP.build`` built it."""
+    backbone = hparams.get("backbone", "tiny")
+    if backbone in PRESETS:
+        config = clip_config(backbone, tokenizer, hparams.get("image_size"), hparams.get("backbone_config"))
+    else:
+        try:
+            config = CLIPConfig.from_pretrained(backbone)
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"the checkpoint was fine-tuned from {backbone!r}, whose config.json cannot be loaded "
+                f"({_first_line(err)}); make that directory or hub id available"
+            ) from None
+    # the tokenizer's special ids, so that the text tower pools at its end-of-text token
+    config.text_config.bos_token_id = tokenizer.bos_token_id
+    config.text_config.eos_token_id = tokenizer.eos_token_id
+    config.text_config.pad_token_id = tokenizer.pad_token_id
+    config.architectures = ["CLIPModel"]
+    return config
+
+
+def clip_weights(state_dict: dict[str, torch.Tensor], config: CLIPConfig) -> dict[str, torch.Tensor]:
+    """The ``CLIPModel`` tensors of a LitSuperCLIP state dict, checked against ``config``."""
+    weights = {k[len(PREFIX) :]: v for k, v in state_dict.items() if k.startswith(PREFIX)}
+    if "logit_scale" in weights:
+        # FSDP2 training holds the 0-d scale as shape (1,); our model clamps it at log(100) when it uses
+        # it and HF CLIPModel does not, so the clamped value is what reproduces our scores
+        weights["logit_scale"] = weights["logit_scale"].reshape(()).clamp(max=MAX_LOGIT_SCALE)
+    with torch.device("meta"):  # shapes without allocating or initialising anything
+        expected = {k: v.shape for k, v in CLIPModel(config).state_dict().items()}
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(weights) if weights[k].shape != expected[k])
+    if missing or unexpected or wrong:
+        found = [
+            f"{what} {names[:3]}"
+            for what, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+            if names
+        ]
+        raise ValueError(
+            "checkpoint weights do not fit the CLIP config rebuilt from its hyperparameters: "
+            + "; ".join(found)
+        )
+    return weights
+
+
+def export_checkpoint(
+    ckpt_path: str | Path,
+    output_dir: str | Path,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    tokenizer: str | None = None,
+) -> Path:
+    """Write the HF ``CLIPModel`` directory of a SuperCLIP checkpoint; returns ``output_dir``.
+
+    Args:
+        ckpt_path: a Lightning ``.ckpt`` file of ``LitSuperCLIP`` or a distributed checkpoint directory.
+        output_dir: where to write; must not exist or be empty unless ``overwrite``.
+        dtype: dtype of the saved floating-point weights.
+        overwrite: write into an existing non-empty ``output_dir`` (same-named files are replaced).
+        tokenizer: tokenizer directory or hub id, when the one named in the checkpoint has moved.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
+    out = Path(output_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(
+            f"output dir {str(out)!r} exists and is not empty; pass --overwrite to write into it"
+        )
+    state_dict, rest = read_checkpoint(ckpt_path)
+    hparams = dict(rest.get("hyper_parameters") or {})
+    if "tokenizer" not in hparams or not any(k.startswith(PREFIX) for k in state_dict):
+        raise ValueError(
+            f"{str(ckpt_path)!r} is not a SuperCLIP checkpoint: no LitSuperCLIP hyperparameters "
+            f"or no {PREFIX}* weights"
+        )
+    try:
+        tok = load_tokenizer(tokenizer or hparams["tokenizer"])
+    except ValueError as err:
+        hint = "" if tokenizer else " (the tokenizer the run trained with; pass --tokenizer if it has moved)"
+        raise ValueError(f"{err}{hint}") from None
+    config = rebuild_config(hparams, tok)
+    weights = clip_weights(state_dict, config)  # everything is checked before anything is written
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch_dtype = DTYPES[dtype]
+    tensors = {
+        k: (v.to(torch_dtype) if v.is_floating_point() else v).contiguous() for k, v in weights.items()
+    }
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config.dtype = torch_dtype
+    config.save_pretrained(out)
+    size = config.vision_config.image_size
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+        resample=Image.Resampling.BICUBIC,  # as the eval transform
+    )
+    # the processor also saves the tokenizer; preprocessor_config.json is for readers of the older layout
+    CLIPProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(out)
+    image_processor.save_pretrained(out)
+    (out / "README.md").write_text(model_card(Path(ckpt_path), hparams, rest, state_dict, config, dtype))
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    """``superclip export ARGS``: ``argv`` are the arguments after ``export`` (default ``sys.argv[1:]``)."""
+    parser = argparse.ArgumentParser(
+        prog="superclip export",
+        description=(
+            "Export a SuperCLIP checkpoint as a transformers CLIPModel directory (safetensors weights "
+            "without the training-only vocabulary head, config.json, tokenizer, image processor, "
+            "model card) that transformers.pipeline('zero-shot-image-classification', model=DIR) "
+            "and CLIPModel.from_pretrained(DIR) load offline, and that `backbone: DIR` fine-tunes from."
+        ),
+    )
+    parser.add_argument(
+        "--ckpt_path",
+        required=True,
+        help="Lightning .ckpt file of LitSuperCLIP, or the checkpoint directory of an FSDP2 run",
+    )
+    parser.add_argument("--output_dir", required=True, help="directory to write (must be new or empty)")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=sorted(DTYPES),
+        help="dtype of the saved weights (default float32)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer directory or hub id, if the one recorded in the checkpoint has moved",
+    )
+    args = parser.parse_args(argv)
+    try:
+        out = export_checkpoint(args.ckpt_path, args.output_dir, args.dtype, args.overwrite, args.tokenizer)
+    except (ValueError, OSError) as err:
+        parser.exit(1, f"superclip export: error: {err}\n")
+    print(f"exported {args.ckpt_path} to {out}")
+    return out

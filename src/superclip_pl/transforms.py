@@ -1,0 +1,189 @@
+"""Image preprocessing and caption tokenisation, with PIL, NumPy and torch only (no torchvision).
+
+`eval_transform` reproduces `transformers.CLIPImageProcessorPil` exactly (same PIL resize call, same
+crop offsets, same float rounding), so a model trained here sees at test time what the exported HF
+processor gives it. `train_transform` is open_clip's training augmentation: RandomResizedCrop with
+scale (0.9, 1.0) and ratio (3/4, 4/3), bicubic, then the same normalisation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from superclip_pl.tokenizer import load_tokenizer
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "eval_transform",
+    "load_tokenizer",  # lives with the tokenizer trainer; exported here next to `tokenize`
+    "to_rgb",
+    "tokenize",
+    "train_transform",
+]
+
+# OpenAI CLIP's per-channel statistics (RGB), as in transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert a PIL image of any mode to 8-bit RGB.
+
+    Transparency (RGBA, LA, PA, P or L with a transparent colour) is composited onto *white*, as
+    `CLIPImageProcessor` does, so train and test see the same pixels. 16-bit images ("I;16*", and
+    "I" with values above 255) are scaled to 8 bits rather than clipped; float images ("F") are read
+    as [0, 1] when they lie in it and as [0, 255] otherwise. Everything else (L, 1, CMYK, YCbCr, ...)
+    goes through PIL's own conversion.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+        return Image.fromarray(_high_depth_to_uint8(image)).convert("RGB")
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _high_depth_to_uint8(image: Image.Image) -> np.ndarray:
+    """(H, W) uint8 from a 16/32-bit integer or float single-channel image."""
+    array = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        scale = 255.0 if array.size and array.min() >= 0.0 and array.max() <= 1.0 else 1.0
+    elif image.mode in _SIXTEEN_BIT_MODES or (array.size and array.max() > 255):
+        scale = 255.0 / 65535.0
+    else:
+        scale = 1.0
+    return np.clip(np.rint(array * scale), 0, 255).astype(np.uint8)
+
+
+class Normalize:
+    """(H, W, 3) uint8 RGB -> (3, H, W) float32 `(x / 255 - mean) / std`.
+
+    A 256-entry table per channel, computed with the rounding of CLIPImageProcessor (rescale in
+    float64, cast to float32, normalise in float32), makes the result bit-identical to it and
+    turns the per-pixel arithmetic into one lookup.
+    """
+
+    def __init__(self, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> None:
+        levels = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
+        mean32, std32 = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        self.table = (levels[None, :] - mean32[:, None]) / std32[:, None]  # (3, 256)
+
+    def __call__(self, rgb: np.ndarray) -> torch.Tensor:
+        out = np.empty((3, *rgb.shape[:2]), dtype=np.float32)
+        for c in range(3):
+            np.take(self.table[c], rgb[..., c], out=out[c])
+        return torch.from_numpy(out)
+
+
+class EvalTransform:
+    """Resize the shortest side to `image_size` (bicubic), centre-crop a square, normalise."""
+
+    def __init__(self, image_size: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):
+        self.image_size = image_size
+        self.normalize = Normalize(mean, std)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        image = to_rgb(image)
+        s, (w, h) = self.image_size, image.size
+        # same output size rule as transformers' get_resize_output_image_size(default_to_square=False)
+        new_w, new_h = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+        rgb = np.asarray(image.resize((new_w, new_h), Image.Resampling.BICUBIC))
+        top, left = (new_h - s) // 2, (new_w - s) // 2
+        return self.normalize(rgb[top : top + s, left : left + s])
+
+
+class TrainTransform:
+    """RandomResizedCrop(image_size, scale, ratio=(3/4, 4/3), bicubic), then normalise.
+
+    Crop parameters are drawn from `generator` when given (reproducible), else from torch's global
+    RNG, which DataLoader seeds differently in every worker.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        scale: tuple[float, float] = (0.9, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+    ) -> None:
+        self.image_size, self.scale, self.ratio = image_size, tuple(scale), tuple(ratio)
+        self.normalize = Normalize(mean, std)
+
+    def crop_box(self, width: int, height: int, generator: torch.Generator | None = None) -> tuple[int, ...]:
+        """(left, top, right, bottom) of the random crop, torchvision's RandomResizedCrop.get_params."""
+        area = width * height
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        # all draws of the 10 attempts at once: one RNG call per image instead of up to 40
+        for u_scale, u_ratio, u_top, u_left in torch.rand(10, 4, generator=generator).tolist():
+            target = area * (self.scale[0] + (self.scale[1] - self.scale[0]) * u_scale)
+            aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u_ratio)
+            w = round(math.sqrt(target * aspect))
+            h = round(math.sqrt(target / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                top = min(int(u_top * (height - h + 1)), height - h)
+                left = min(int(u_left * (width - w + 1)), width - w)
+                return left, top, left + w, top + h
+        # fall back to the largest centred crop whose aspect ratio lies in `ratio`
+        aspect = width / height
+        if aspect < self.ratio[0]:
+            w, h = width, round(width / self.ratio[0])
+        elif aspect > self.ratio[1]:
+            w, h = round(height * self.ratio[1]), height
+        else:
+            w, h = width, height
+        left, top = (width - w) // 2, (height - h) // 2
+        return left, top, left + w, top + h
+
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        image = to_rgb(image)
+        box = self.crop_box(*image.size, generator=generator)
+        size = (self.image_size, self.image_size)
+        return self.normalize(np.asarray(image.resize(size, Image.Resampling.BICUBIC, box=box)))
+
+
+def train_transform(
+    image_size: int,
+    scale: tuple[float, float] = (0.9, 1.0),
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+) -> TrainTransform:
+    """Training augmentation: PIL image -> (3, image_size, image_size) float tensor."""
+    return TrainTransform(image_size, scale=scale, mean=mean, std=std)
+
+
+def eval_transform(
+    image_size: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
+) -> EvalTransform:
+    """Evaluation preprocessing, equal to CLIPImageProcessorPil(shortest_edge=crop=image_size)."""
+    return EvalTransform(image_size, mean=mean, std=std)
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int = 77) -> dict[str, torch.Tensor]:
+    """Tokenise captions: `input_ids` and `attention_mask`, (B, T) long, T = longest in the batch.
+
+    Padding to the longest caption instead of to `max_length` changes nothing for CLIP's text tower
+    (causal attention, pooled at the first end-of-text token) and saves compute on short captions.
+    A caption longer than `max_length` is cut so that the end-of-text token stays its last token.
+    """
+    out = tokenizer(
+        list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    input_ids, attention_mask = out["input_ids"].long(), out["attention_mask"].long()
+    eos = tokenizer.eos_token_id
+    if eos is not None and input_ids.shape[1] == max_length:
+        # tokenizers whose post-processor does not re-add EOS after truncation: put it back
+        full = attention_mask[:, -1].bool() & (input_ids[:, -1] != eos)
+        input_ids[full, -1] = eos
+    return {"input_ids": input_ids, "attention_mask": attention_mask}

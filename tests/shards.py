@@ -1,0 +1,106 @@
+"""Tiny webdataset shards written in code for the data tests (good ones, and one of each kind of bad),
+and the few settings and helpers those tests share."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from superclip_pl.data import DataSource
+from superclip_pl.loader import StreamLoader
+from superclip_pl.samples import Collate
+from superclip_pl.transforms import load_tokenizer
+
+IMAGE_SIZE = 16
+
+
+def wds(pattern: str, **columns) -> DataSource:
+    return DataSource(path="webdataset", data_files=pattern, **columns)
+
+
+def loader(stream, tokenizer_dir: str, num_workers: int = 0, batch_size: int = 4) -> StreamLoader:
+    collate = Collate(load_tokenizer(tokenizer_dir), max_length=16)
+    return StreamLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate)
+
+
+def image_of(index: int, size: tuple[int, int] = (12, 9)) -> Image.Image:
+    rng = np.random.default_rng(index)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def caption_of(index: int) -> str:
+    return f"a {['red', 'green', 'blue', 'yellow'][index % 4]} shape number {index}"
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def sample(i: int, image: bytes | None, text: str | None) -> list[tuple[str, bytes]]:
+    """The tar members of sample `i` (a member is left out when None)."""
+    members = [(f"{i:06d}.png", image)] if image is not None else []
+    return members + ([(f"{i:06d}.txt", text.encode())] if text is not None else [])
+
+
+def write_shards(root: Path, num_shards: int, per_shard: int) -> dict[str, int]:
+    """Good webdataset shards; returns {sample key: index}."""
+    root.mkdir(parents=True, exist_ok=True)
+    keys = {}
+    for s in range(num_shards):
+        indices = range(s * per_shard, (s + 1) * per_shard)
+        write_tar(
+            root / f"shard-{s:02d}.tar",
+            [m for i in indices for m in sample(i, png(image_of(i)), caption_of(i))],
+        )
+        keys.update({f"shard-{s:02d}.tar/{i:06d}": i for i in indices})
+    return keys
+
+
+def bomb_png(side: int = 100_000) -> bytes:
+    """A PNG whose header claims side x side pixels, with almost nothing behind it."""
+    one_pixel = png(Image.new("L", (1, 1)))
+    ihdr = b"IHDR" + side.to_bytes(4, "big") * 2 + one_pixel[24:29]  # new size, same depth/colour/...
+    return one_pixel[:12] + ihdr + zlib.crc32(ihdr).to_bytes(4, "big") + one_pixel[33:]
+
+
+BAD_SKIPS = {"corrupt_image": 2, "empty_caption": 3, "too_large": 1, "truncated_shard": 1}
+
+
+def write_bad_shards(root: Path) -> set[str]:
+    """Four shards with every kind of bad sample (counted in BAD_SKIPS); returns the good keys."""
+    root.mkdir(parents=True, exist_ok=True)
+    good = {0: range(0, 5), 1: range(16, 19), 2: range(20, 22), 3: range(30, 34)}
+    shards = {
+        s: [m for i in idx for m in sample(i, png(image_of(i)), caption_of(i))] for s, idx in good.items()
+    }
+    shards[1] = (
+        sample(10, b"this is not an image", caption_of(10))  # corrupt_image
+        + sample(11, png(image_of(11, (40, 30)))[:60], caption_of(11))  # corrupt_image (truncated)
+        + sample(12, png(image_of(12)), "")  # empty_caption
+        + sample(13, png(image_of(13)), "  \n\t")  # empty_caption
+        + sample(14, png(image_of(14)), None)  # empty_caption (no txt member)
+        + sample(15, bomb_png(), caption_of(15))  # too_large, seen from the header
+        + shards[1]
+    )
+    shards[2] += sample(22, png(image_of(22, (64, 64))), caption_of(22))
+    for s, members in shards.items():
+        write_tar(root / f"shard-{s:02d}.tar", members)
+    # cut shard 2 inside the image of its third sample: two good samples, then an unreadable tar
+    data = (root / "shard-02.tar").read_bytes()
+    (root / "shard-02.tar").write_bytes(data[: data.index(b"000022.png") + 512 + 300])
+    return {f"shard-{s:02d}.tar/{i:06d}" for s, idx in good.items() for i in idx}

@@ -1,0 +1,111 @@
+"""Every shipped YAML parses and instantiates, so configs cannot drift from the code."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+from superclip_pl import ImageTextDataModule, LitSuperCLIP
+from superclip_pl.cli import main
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+RUN_CONFIGS = sorted(CONFIGS.glob("*.yaml"))
+FRAGMENTS = sorted((CONFIGS / "trainer").glob("*.yaml"))
+
+
+def test_there_are_configs_to_check():
+    names = {p.name for p in RUN_CONFIGS}
+    assert {"debug.yaml", "demo.yaml", "demo_clip.yaml", "vit_b16_datacomp_superclip.yaml"} <= names
+    assert {p.name for p in FRAGMENTS} == {"ddp.yaml", "fsdp.yaml", "fsdp2.yaml"}
+
+
+def offline(config: Path, tokenizer_dir: str) -> list[str]:
+    """Arguments that make a config instantiable here: the local tokenizer, and the CPU for GPU recipes."""
+    args = ["--data.init_args.tokenizer", tokenizer_dir]
+    if yaml.safe_load(config.read_text())["trainer"].get("accelerator") == "gpu":
+        args += ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true"]
+    return args
+
+
+@pytest.mark.parametrize("config", RUN_CONFIGS, ids=lambda p: p.name)
+def test_run_config_instantiates(config, tokenizer_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may be written into the repository
+    cli = main(["--config", str(config), *offline(config, tokenizer_dir)], run=False)
+    assert isinstance(cli.model, LitSuperCLIP) and isinstance(cli.datamodule, ImageTextDataModule)
+    raw = yaml.safe_load(config.read_text())
+    assert cli.model.hparams.class_loss_weight == raw["model"]["class_loss_weight"]
+    assert cli.model.hparams.backbone == raw["model"]["backbone"]
+    assert cli.datamodule.image_size == cli.model.image_size  # linked from the model
+    assert cli.trainer.max_steps == raw["trainer"]["max_steps"] > 0  # streaming: steps drive training
+
+
+def test_demo_configs_differ_only_in_the_classification_loss():
+    a = yaml.safe_load((CONFIGS / "demo.yaml").read_text())
+    b = yaml.safe_load((CONFIGS / "demo_clip.yaml").read_text())
+    assert (a["model"]["class_loss_weight"], b["model"]["class_loss_weight"]) == (1.0, 0.0)
+    for cfg in (a, b):
+        cfg["model"].pop("class_loss_weight")
+        cfg["trainer"].pop("logger")
+        cfg["trainer"]["callbacks"] = [
+            c for c in cfg["trainer"]["callbacks"] if "HeadPredictions" not in c["class_path"]
+        ]
+    assert a == b
+
+
+def test_paper_recipe_values():
+    cfg = yaml.safe_load((CONFIGS / "vit_b16_datacomp_superclip.yaml").read_text())
+    m, d, t = cfg["model"], cfg["data"]["init_args"], cfg["trainer"]
+    assert (m["lr"], m["betas"], m["eps"], m["weight_decay"], m["warmup_steps"]) == (
+        1e-3,
+        [0.9, 0.98],
+        1e-6,
+        0.2,
+        500,
+    )
+    assert d["global_batch_size"] == 16384 and t["max_steps"] * 16384 >= 512_000_000
+    assert t["precision"] == "bf16-mixed" and m["gradient_checkpointing"] is True
+
+
+@pytest.mark.parametrize("fragment", ["ddp.yaml", "fsdp2.yaml"])
+def test_strategy_fragments_instantiate(fragment, tokenizer_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "--config",
+        str(CONFIGS / "debug.yaml"),
+        "--config",
+        str(CONFIGS / "trainer" / fragment),
+        "--data.init_args.tokenizer",
+        tokenizer_dir,
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.precision",
+        "32-true",
+    ]
+    cli = main(args, run=False)
+    expected = {"ddp.yaml": DDPStrategy, "fsdp2.yaml": ModelParallelStrategy}[fragment]
+    assert isinstance(cli.trainer.strategy, expected)
+    assert cli.trainer.num_devices == 2
+
+
+def test_fsdp_fragment_parses_and_wraps_encoder_layers(tokenizer_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    fragment = CONFIGS / "trainer" / "fsdp.yaml"
+    # FSDP refuses a CPU accelerator, so the full config is parsed and type-checked, and the strategy
+    # is built on its own
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(CONFIGS / "debug.yaml"), "--config", str(fragment), "--print_config"])
+    assert done.value.code in (0, None)
+    assert "FSDPStrategy" in capsys.readouterr().out
+    init = yaml.safe_load(fragment.read_text())["trainer"]["strategy"]["init_args"]
+    strategy = FSDPStrategy(
+        auto_wrap_policy={CLIPEncoderLayer},
+        activation_checkpointing_policy={CLIPEncoderLayer},
+        sharding_strategy=init["sharding_strategy"],
+        state_dict_type=init["state_dict_type"],
+    )
+    assert init["auto_wrap_policy"] == ["transformers.models.clip.modeling_clip.CLIPEncoderLayer"]
+    assert strategy.sharding_strategy.name == "FULL_SHARD"
