@@ -123,6 +123,8 @@ def test_caption_forms_and_random_choice_in_training(tmp_path):
     assert caption_candidates('{"text": ["p", "q"]}') == ["p", "q"]
     assert caption_candidates("[not json") == ["[not json"]
     assert caption_candidates({"other": "z"}) == [] and caption_candidates(None) == []
+    # one caption per line (CLIP_benchmark retrieval sets): each line is a candidate
+    assert caption_candidates("a red star\n\n  a small star \n") == ["a red star", "a small star"]
 
     options = [f"caption {c}" for c in range(4)]
     members = [m for i in range(40) for m in sample(i, png(image_of(i)), json.dumps(options))]
@@ -245,3 +247,28 @@ def test_a_missing_path_fails_at_once_naming_it(tmp_path):
         image_text_stream(wds(str(tmp_path / "nowhere/*.tar")))
     with pytest.raises(ValueError, match=r"data.train: cannot open path='someone/no-such-dataset'"):
         image_text_stream(DataSource(path="someone/no-such-dataset"))
+
+
+# ---------------------------------------------------------------- evaluation loops without data
+
+
+def test_without_val_or_test_source_the_loops_run_one_empty_step(good_shards, tokenizer_dir):
+    from superclip_pl.data import ImageTextDataModule
+
+    dm = ImageTextDataModule(tokenizer_dir, train=wds(good_shards[0]), image_size=IMAGE_SIZE)
+    for stage, make_loader in (("validate", dm.val_dataloader), ("test", dm.test_dataloader)):
+        dm.setup(stage)
+        assert list(make_loader()) == [{}]  # Lightning skips a loop with no batch (and its callbacks)
+        assert dm.on_before_batch_transfer({}, 0) == {}
+
+
+def test_a_test_source_is_read_by_the_test_loop(good_shards, tokenizer_dir):
+    from superclip_pl.data import ImageTextDataModule
+
+    pattern, keys = good_shards
+    dm = ImageTextDataModule(
+        tokenizer_dir, test=wds(pattern), image_size=IMAGE_SIZE, batch_size=5, num_workers=0
+    )
+    dm.setup("test")
+    seen = [k for batch in dm.test_dataloader() for k in batch["keys"]]
+    assert sorted(seen) == sorted(keys)

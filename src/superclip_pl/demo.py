@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=16, help="batch size of both runs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
     parser.add_argument(
-        "--jobs", type=int, default=1, help="runs at once (1: one after the other, live bars)"
+        "--jobs", type=int, default=2, help="runs at once (1: one after the other, each with its live bar)"
     )
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/demo"))
     parser.add_argument("--configs-dir", type=Path, default=Path("configs"), help="where demo*.yaml are")

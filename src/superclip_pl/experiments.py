@@ -13,7 +13,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
+from lightning.pytorch import Callback
 from tqdm.auto import tqdm
 
 # The shapes evaluation sets (configs/demo.yaml) and the numbers the comparisons are made of.
@@ -25,6 +27,25 @@ SHAPES_METRICS = [
     *(f"zeroshot/{s}/{m}" for s in ZEROSHOT_SETS for m in ("top1", "top5", "mean_per_class_recall")),
     *(f"retrieval/{RETRIEVAL_SET}/{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)),
 ]
+
+
+class ProgressFile(Callback):
+    """Write ``<global step> <max steps>`` to ``path`` every ``every`` steps (rank 0), so that a parent
+    process running several trainings at once can show a progress bar for each.
+
+    Args:
+        path: the file to (over)write.
+        every: optimizer steps between writes.
+    """
+
+    def __init__(self, path: str, every: int = 10):
+        self.path, self.every = Path(path), every
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.is_global_zero and trainer.global_step % self.every == 0:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(f"{trainer.global_step} {trainer.max_steps}")
+            tmp.replace(self.path)  # atomic: the reader never sees a half-written file
 
 
 def headline(metrics: dict[str, float]) -> dict[str, float]:
@@ -52,6 +73,10 @@ class Run:
     @property
     def log_dir(self) -> Path:
         return Path(self.out_dir) / self.name / self.version
+
+    @property
+    def progress_file(self) -> Path:
+        return self.log_dir / "progress.txt"
 
     @property
     def steps(self) -> int:
@@ -89,7 +114,23 @@ class Run:
 
 
 def _command(run: Run, progress: bool) -> list[str]:
-    return [sys.executable, "-m", "superclip_pl", *run.args(progress)]
+    args = run.args(progress)
+    if not progress:  # the parent shows a bar per run from this file instead
+        spec = {
+            "class_path": "superclip_pl.experiments.ProgressFile",
+            "init_args": {"path": str(run.progress_file)},
+        }
+        args.append(f"--trainer.callbacks+={json.dumps(spec)}")
+    return [sys.executable, "-m", "superclip_pl", *args]
+
+
+@dataclass
+class _Active:
+    proc: subprocess.Popen
+    log: IO | None
+    bar: tqdm | None
+    slot: int = 0  # the screen line of its bar
+    start: float = field(default_factory=time.time)
 
 
 def run_all(
@@ -98,38 +139,52 @@ def run_all(
     """Run each ``Run`` as its own process, ``jobs`` at a time, and return their final metrics.
 
     With one job the run's own progress bar shows; with more, each run's output goes to ``train.log``
-    in its log dir and one bar counts finished runs. Threads are split evenly between the jobs.
-    ``on_done(run, metrics)`` is called as each run finishes (e.g. to save partial results).
+    in its log dir and a bar per running job (and one for all runs) follows them. Threads are split
+    evenly between the jobs. ``on_done(run, metrics)`` is called as each run finishes.
     """
     threads = max(1, (os.cpu_count() or 1) // jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     pending, active, results = list(enumerate(runs)), {}, [None] * len(runs)
-    bar = tqdm(total=len(runs), desc=desc, unit="run", disable=jobs == 1)
+    overall = (
+        tqdm(total=len(runs), desc=desc, unit="run", position=0) if jobs > 1 and len(runs) > jobs else None
+    )
     while pending or active:
         while pending and len(active) < jobs:
             i, run = pending.pop(0)
             shutil.rmtree(run.log_dir, ignore_errors=True)  # a rerun replaces, never mixes, its logs
             run.log_dir.mkdir(parents=True)
-            log = None if jobs == 1 else open(run.log_dir / "train.log", "w")  # noqa: SIM115
             if jobs == 1:
                 print(f"\n== {run.name} ({run.version}): {run.samples} samples at batch {run.batch_size}")
-            proc = subprocess.Popen(_command(run, progress=jobs == 1), env=env, stdout=log, stderr=log)
-            active[i] = (proc, log, time.time())
-        time.sleep(0.2)
-        for i, (proc, log, start) in list(active.items()):
-            if proc.poll() is None:
+                active[i] = _Active(subprocess.Popen(_command(run, progress=True), env=env), None, None)
+                continue
+            log = open(run.log_dir / "train.log", "w")  # noqa: SIM115
+            proc = subprocess.Popen(_command(run, progress=False), env=env, stdout=log, stderr=log)
+            slot = min(set(range(1, jobs + 1)) - {a.slot for a in active.values()})
+            bar = tqdm(
+                total=run.steps, desc=f"{run.name} {run.version}", unit="step", position=slot, leave=False
+            )
+            active[i] = _Active(proc, log, bar, slot)
+        time.sleep(0.5)
+        for i, job in list(active.items()):
+            run = runs[i]
+            if job.bar is not None and run.progress_file.exists():
+                job.bar.update(int(run.progress_file.read_text().split()[0]) - job.bar.n)
+            if job.proc.poll() is None:
                 continue
             del active[i]
-            if log is not None:
-                log.close()
-            run = runs[i]
-            if proc.returncode != 0:
-                where = f"; see {run.log_dir / 'train.log'}" if log is not None else ""
-                raise RuntimeError(f"run {run.name}/{run.version} failed (exit {proc.returncode}){where}")
+            if job.log is not None:
+                job.log.close()
+                job.bar.close()
+            if job.proc.returncode != 0:
+                where = f"; see {run.log_dir / 'train.log'}" if job.log is not None else ""
+                raise RuntimeError(f"run {run.name}/{run.version} failed (exit {job.proc.returncode}){where}")
             metrics = json.loads((run.log_dir / "metrics.json").read_text())
-            results[i] = {**metrics, "seconds": round(time.time() - start, 1)}
+            results[i] = {**metrics, "seconds": round(time.time() - job.start, 1)}
+            tqdm.write(f"{run.name} {run.version}: done in {results[i]['seconds']:.0f} s")
             if on_done is not None:
                 on_done(run, results[i])
-            bar.update(1)
-    bar.close()
+            if overall is not None:
+                overall.update(1)
+    if overall is not None:
+        overall.close()
     return results

@@ -26,8 +26,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             num_hidden_layers=4,
             num_attention_heads=4,
             intermediate_size=512,
-            image_size=32,
-            patch_size=4,
+            image_size=64,
+            patch_size=8,
             hidden_act="gelu",
         ),
         "text_config": dict(

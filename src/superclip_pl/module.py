@@ -14,6 +14,11 @@ from superclip_pl.model import SuperCLIP
 from superclip_pl.tokenizer import load_tokenizer
 
 
+def batch_size(batch: dict[str, torch.Tensor]) -> int:
+    """Samples in a batch (for ``ThroughputMonitor(batch_size_fn=superclip_pl.module.batch_size)``)."""
+    return batch["input_ids"].shape[0]
+
+
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
     """LR multiplier: linear warm-up to 1 over ``warmup_steps``, then cosine down to ``min_ratio``."""
     if step < warmup_steps:
@@ -52,6 +57,7 @@ class LitSuperCLIP(LightningModule):
         warmup_steps: optimizer steps of linear warm-up before the cosine decay.
         min_lr_ratio: final learning rate of the cosine, as a fraction of ``lr``.
         gradient_checkpointing: recompute encoder activations in the backward pass to save memory.
+        compile: ``torch.compile`` each encoder layer (after sharding, under FSDP2).
         local_loss: compute each rank's loss on its own rows against the gathered columns (open_clip's
             local loss: O(B x R*B) logits per rank, and the same gradients as the global loss).
     """
@@ -72,6 +78,7 @@ class LitSuperCLIP(LightningModule):
         warmup_steps: int = 500,
         min_lr_ratio: float = 0.0,
         gradient_checkpointing: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -178,16 +185,27 @@ class LitSuperCLIP(LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    # -- sharding (ModelParallelStrategy: FSDP2 on any device, CPU included) ----------------------
-    def configure_model(self) -> None:
-        mesh = self.device_mesh
-        if mesh is None:
-            return
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-
-        dp_mesh = mesh["data_parallel"]
+    # -- sharding (ModelParallelStrategy: FSDP2 on any device, CPU included) and compilation ------
+    def _encoder_layers(self) -> list[nn.Module]:
         clip = self.model.clip
-        for layer in [*clip.vision_model.encoder.layers, *clip.text_model.encoder.layers]:
+        return [*clip.vision_model.encoder.layers, *clip.text_model.encoder.layers]
+
+    def configure_model(self) -> None:
+        # Lightning calls this at every fit / validate / test: it must be idempotent
+        self._shard()
+        if self.hparams.compile and not getattr(self, "_compiled", False):
+            for layer in self._encoder_layers():
+                layer.compile()  # in place: parameter names (and checkpoints) stay the same
+            self._compiled = True
+
+    def _shard(self) -> None:
+        from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+
+        mesh = self.device_mesh
+        if mesh is None or isinstance(self.model, FSDPModule):
+            return
+        dp_mesh = mesh["data_parallel"]
+        for layer in self._encoder_layers():
             fully_shard(layer, mesh=dp_mesh)
         fully_shard(self.model, mesh=dp_mesh)
         # evaluation calls these instead of forward: they must gather the sharded root parameters too
