@@ -9,7 +9,7 @@ import pytest
 from huggingface_hub.errors import EntryNotFoundError
 from PIL import Image
 
-from superclip_pl import evalsets
+from superclip_pl import benchmark_layout
 from superclip_pl.evalsets import load_classification_set, load_hf_classification_set, load_retrieval_set
 
 CLASSES = ["cat", "dog", "eel"]
@@ -144,7 +144,7 @@ def fake_hub(tmp_path, monkeypatch):
         downloaded.append(filename)
         return str(path)
 
-    monkeypatch.setattr(evalsets, "hf_hub_download", download)
+    monkeypatch.setattr(benchmark_layout, "hf_hub_download", download)
     return repos, downloaded
 
 

@@ -15,6 +15,7 @@ loggers and checkpoint monitors. The last of these callbacks prints one table of
 from __future__ import annotations
 
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
@@ -22,11 +23,18 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
-from torch import Tensor
 
-from superclip_pl.evalloop import Batch, gather_rows, inference, lockstep, shard_loader
+from superclip_pl.evalloop import (
+    Batch,
+    encode_images,
+    encode_texts,
+    gather_rows,
+    inference,
+    lockstep,
+    shard_loader,
+)
 from superclip_pl.evalsets import load_classification_set, load_hf_classification_set, load_retrieval_set
-from superclip_pl.transforms import eval_transform, tokenize
+from superclip_pl.transforms import eval_transform
 from superclip_pl.zeroshot import (
     DEFAULT_TEMPLATES,
     build_classifier,
@@ -38,7 +46,7 @@ from superclip_pl.zeroshot import (
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(zeroshot|retrieval)/")
 
 
-class _SetEvaluation(Callback):
+class _SetEvaluation(Callback, ABC):
     """Scheduling, logging and printing shared by the evaluation callbacks."""
 
     prefix: str  # metric namespace: zeroshot or retrieval
@@ -75,9 +83,9 @@ class _SetEvaluation(Callback):
     # _load(rank=, world_size=): the evaluation set as that rank reads it; picklable (DataLoader workers)
     _load: Callable[..., Any]
 
+    @abstractmethod
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         """Metrics of the whole set, computed in lock-step on every rank."""
-        raise NotImplementedError
 
     # -- hooks ------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -157,16 +165,6 @@ class _SetEvaluation(Callback):
         if steps == 0:  # no rank had a sample, so every rank raises
             raise ValueError(f"{self.prefix}/{self.name}: no readable samples in split {self.split!r}")
 
-    @staticmethod
-    def _encode_images(trainer: Trainer, pl_module: LightningModule, pixels: Tensor) -> Tensor:
-        pixels = trainer.precision_plugin.convert_input(pixels.to(pl_module.device))  # bf16-true: bf16 inputs
-        return pl_module.model.encode_image(pixels).float()  # (B, D)
-
-    @staticmethod
-    def _encode_texts(pl_module: LightningModule, texts: list[str]) -> Tensor:
-        tokens = tokenize(pl_module.tokenizer, texts, pl_module.max_length)
-        return pl_module.model.encode_text(**{k: v.to(pl_module.device) for k, v in tokens.items()}).float()
-
 
 class ZeroShotClassification(_SetEvaluation):
     """Zero-shot classification accuracy on a labelled image set.
@@ -243,11 +241,11 @@ class ZeroShotClassification(_SetEvaluation):
 
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         # once per evaluation; every rank encodes every prompt, so the forward passes stay in step
-        classifier = build_classifier(partial(self._encode_texts, pl_module), self.classnames, self.prompts)
+        classifier = build_classifier(partial(encode_texts, pl_module), self.classnames, self.prompts)
         index, features, labels = [], [], []
         for idx, pixels, targets in self._batches(trainer, pl_module):
             index.append(idx)
-            features.append(self._encode_images(trainer, pl_module, pixels))
+            features.append(encode_images(trainer, pl_module, pixels))
             labels.append(torch.tensor(targets, dtype=torch.long))
         rows = gather_rows(pl_module, torch.cat(index), torch.cat(features), torch.cat(labels))
         return gathered_classification_metrics(*rows, classifier, self.topk)
@@ -298,9 +296,9 @@ class ZeroShotRetrieval(_SetEvaluation):
         image_index, image_features, text_index, text_features = [], [], [], []
         for idx, pixels, captions in self._batches(trainer, pl_module):
             image_index.append(idx)
-            image_features.append(self._encode_images(trainer, pl_module, pixels))
+            image_features.append(encode_images(trainer, pl_module, pixels))
             # all captions of the batch's images in one forward pass, so every rank runs one per step
-            text_features.append(self._encode_texts(pl_module, [c for caps in captions for c in caps]))
+            text_features.append(encode_texts(pl_module, [c for caps in captions for c in caps]))
             # (global index of the caption's image, caption number): one row per caption
             text_index += [
                 (i, j) for i, caps in zip(idx.tolist(), captions, strict=True) for j in range(len(caps))

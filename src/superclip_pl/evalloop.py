@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from superclip_pl.evalsets import ClassificationSample
+from superclip_pl.transforms import tokenize
 from superclip_pl.zeroshot import pad_rows
 
 T = TypeVar("T")
@@ -108,3 +109,15 @@ def inference(trainer: Trainer, pl_module: LightningModule) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+def encode_images(trainer: Trainer, pl_module: LightningModule, pixels: torch.Tensor) -> torch.Tensor:
+    """Normalised image embeddings (B, D) in fp32, inputs cast as the run's precision wants them."""
+    pixels = trainer.precision_plugin.convert_input(pixels.to(pl_module.device))  # bf16-true: bf16 inputs
+    return pl_module.model.encode_image(pixels).float()
+
+
+def encode_texts(pl_module: LightningModule, texts: list[str]) -> torch.Tensor:
+    """Normalised text embeddings (N, D) in fp32 of ``texts``, tokenised as in training."""
+    tokens = tokenize(pl_module.tokenizer, texts, pl_module.max_length)
+    return pl_module.model.encode_text(**{k: v.to(pl_module.device) for k, v in tokens.items()}).float()
