@@ -46,7 +46,7 @@ demo: $(STAMP)  ## train CLIP and SuperCLIP on the shapes data (makes it if miss
 	$(BIN)/python -m superclip_pl.synthetic --output-dir data/shapes
 	$(BIN)/python -m superclip_pl.demo
 
-ablation: $(STAMP)  ## CLIP vs SuperCLIP at batch 8..128 x 3 seeds (ARGS="--seeds 0 --samples 5000" to shorten)
+ablation: $(STAMP)  ## CLIP vs SuperCLIP, batch 8..128 x 3 seeds, 40k samples (~3 h; ARGS="--batch-sizes 16" ~40 min)
 	$(BIN)/python -m superclip_pl.synthetic --output-dir data/shapes
 	$(BIN)/python -m superclip_pl.ablation $(ARGS)
 

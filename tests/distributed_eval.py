@@ -119,13 +119,14 @@ def count_forward_passes(module: LitSuperCLIP) -> dict[str, int]:
 
 
 def main(ckpt: str, cls_root: str, ret_root: str, out_dir: str, mode: str) -> None:
-    """``single`` / ``ddp``: ``validate --ckpt_path``. ``fsdp2``: one training step at learning rate 0 (the
-    weights stay the checkpoint's) with evaluation after it, the path where FSDP2 has re-sharded the model."""
+    """``single`` / ``ddp`` / ``fsdp2_validate``: ``validate --ckpt_path`` (the checkpoint loaded into the
+    sharded model). ``fsdp2``: one training step at learning rate 0 (the weights stay the checkpoint's)
+    with evaluation after it, the path where FSDP2 has re-sharded the model."""
     checkpoint = torch.load(ckpt, weights_only=False)
     torch.manual_seed(1)  # other weights than the checkpoint's: they must be loaded
     module = LitSuperCLIP(**{**checkpoint["hyper_parameters"], "lr": 0.0})
     counts = count_forward_passes(module)
-    strategy = {"single": "auto", "ddp": "ddp", "fsdp2": "model_parallel_fsdp2"}[mode]
+    strategy = {"single": "auto", "ddp": "ddp"}.get(mode, "model_parallel_fsdp2")
     if strategy == "model_parallel_fsdp2":
         from lightning.pytorch.strategies import ModelParallelStrategy
 

@@ -94,3 +94,38 @@ def test_gpu_check_skips_cleanly_without_cuda(bench, capsys):
         pytest.skip("a CUDA device is present")
     assert bench("gpu_check").main([]) == 0
     assert "skipped" in capsys.readouterr().out
+
+
+def test_attribute_probe_reports_every_figure(bench, tmp_path, tokenizer_dir, batch):
+    from lightning.pytorch import Trainer
+
+    from conftest import MICRO
+    from superclip_pl import synthetic
+    from superclip_pl.module import LitSuperCLIP
+
+    synthetic.generate(
+        tmp_path / "shapes",
+        train_samples=8,
+        eval_samples=16,
+        retrieval_samples=4,
+        shard_size=8,
+        num_workers=1,
+        progress=False,
+    )
+    module = LitSuperCLIP(tokenizer_dir, backbone_config=MICRO, warmup_steps=0)
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, torch.utils.data.DataLoader([batch], batch_size=None))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    result = bench("attribute_probe").main(
+        [str(tmp_path / "m.ckpt"), "--set", str(tmp_path / "shapes/eval/shape")]
+    )
+    figures = result[str(tmp_path / "m.ckpt")]
+    assert set(figures) == {"zeroshot_top1", "probe_cls", "probe_patch_mean", "probe_embedding", "chance"}
+    assert figures["chance"] == 1 / 8 and all(0 <= v <= 1 for v in figures.values())

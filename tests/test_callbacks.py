@@ -83,7 +83,7 @@ def quiet_trainer(**kwargs) -> Trainer:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2", "fsdp2_validate"])
 def test_two_processes_give_the_numbers_of_one(world, one_process, mode, tmp_path):
     # the two ranks hold different numbers of samples, so one of them must run placeholder batches
     for load in (load_classification_set, load_retrieval_set):
