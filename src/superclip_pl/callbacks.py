@@ -30,11 +30,9 @@ from superclip_pl.evalloop import (
     encode_texts,
     gather_rows,
     inference,
-    lockstep,
-    shard_loader,
+    shard_batches,
 )
 from superclip_pl.evalsets import load_classification_set, load_hf_classification_set, load_retrieval_set
-from superclip_pl.transforms import eval_transform
 from superclip_pl.zeroshot import (
     DEFAULT_TEMPLATES,
     build_classifier,
@@ -148,22 +146,9 @@ class _SetEvaluation(Callback, ABC):
 
     def _batches(self, trainer: Trainer, pl_module: LightningModule) -> Iterator[Batch]:
         """This rank's batches, then placeholder batches (index -1) until every rank is done."""
-        size = pl_module.image_size
-        dummy = (torch.tensor([-1]), torch.zeros(1, 3, size, size), [self._dummy_target])
-        loader = shard_loader(
-            self._load,
-            trainer.global_rank,
-            trainer.world_size,
-            eval_transform(size),
-            self.batch_size,
-            self.num_workers,
-        )
-        steps = 0
-        for batch in lockstep(loader, trainer.strategy):
-            steps += 1
-            yield dummy if batch is None else batch
-        if steps == 0:  # no rank had a sample, so every rank raises
-            raise ValueError(f"{self.prefix}/{self.name}: no readable samples in split {self.split!r}")
+        what = f"{self.prefix}/{self.name}, split {self.split!r}"
+        size, target = pl_module.image_size, self._dummy_target
+        return shard_batches(self._load, trainer, size, self.batch_size, self.num_workers, target, what)
 
 
 class ZeroShotClassification(_SetEvaluation):

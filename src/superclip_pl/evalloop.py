@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from superclip_pl.evalsets import ClassificationSample
-from superclip_pl.transforms import tokenize
+from superclip_pl.transforms import eval_transform, tokenize
 from superclip_pl.zeroshot import pad_rows
 
 T = TypeVar("T")
@@ -78,6 +78,29 @@ def lockstep(batches: Iterable[T], strategy: Strategy) -> Iterator[T | None]:
         if not strategy.reduce_boolean_decision(batch is not None, all=False):
             return
         yield batch
+
+
+def shard_batches(
+    load: Callable[..., Iterable],
+    trainer: Trainer,
+    image_size: int,
+    batch_size: int,
+    num_workers: int,
+    dummy_target: Any,
+    what: str = "the set",
+) -> Iterator[Batch]:
+    """This rank's batches of the set, then placeholder batches (one black image, index -1, target
+    ``dummy_target``) until every rank is done. Raises on every rank when no rank had a sample."""
+    dummy = (torch.tensor([-1]), torch.zeros(1, 3, image_size, image_size), [dummy_target])
+    loader = shard_loader(
+        load, trainer.global_rank, trainer.world_size, eval_transform(image_size), batch_size, num_workers
+    )
+    steps = 0
+    for batch in lockstep(loader, trainer.strategy):
+        steps += 1
+        yield dummy if batch is None else batch
+    if steps == 0:
+        raise ValueError(f"{what}: no readable samples")
 
 
 def gather_rows(pl_module: LightningModule, *tensors: Tensor) -> list[Tensor]:
