@@ -129,3 +129,24 @@ def test_attribute_probe_reports_every_figure(bench, tmp_path, tokenizer_dir, ba
     figures = result[str(tmp_path / "m.ckpt")]
     assert set(figures) == {"zeroshot_top1", "probe_cls", "probe_patch_mean", "probe_embedding", "chance"}
     assert figures["chance"] == 1 / 8 and all(0 <= v <= 1 for v in figures.values())
+
+
+def test_attribute_learnability_reports_a_curve(bench, tmp_path):
+    from superclip_pl import synthetic
+
+    synthetic.generate(
+        tmp_path / "shapes",
+        train_samples=8,
+        eval_samples=16,
+        retrieval_samples=4,
+        shard_size=8,
+        num_workers=1,
+        progress=False,
+    )
+    result = bench("attribute_learnability").main(
+        ["--attribute", "count", "--steps", "3", "--batch-size", "4", "--eval-every", "2"]
+        + ["--eval-root", str(tmp_path / "shapes/eval/count")]
+    )
+    assert [p["step"] for p in result["curve"]] == [2, 3]
+    assert result["chance"] == 1 / 3 and all(0 <= p["top1"] <= 1 for p in result["curve"])
+    assert all(p["loss"] > 0 for p in result["curve"])
