@@ -5,8 +5,8 @@ classification loss for SuperCLIP) + backward + AdamW (the module's groups and h
 The two variants share one ``CLIPModel`` (CLIP = the same towers without the head), each with its
 own AdamW, and are timed in alternating rounds (``timing.interleaved``).
 
-FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (through Lightning's
-``measure_flops``) on the meta device: matmuls only, forward + backward, so the ratio is the head's
+FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (``superclip_pl.flops``) on the
+meta device: matmuls only, forward + backward, so the ratio is the head's
 Linear(width -> vocab) against the two towers, as in the paper's FLOPs figure.
 """
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from lightning.fabric.utilities.throughput import measure_flops
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch.utils.data import IterableDataset
-from transformers import PreTrainedTokenizerFast
+from transformers import CLIPConfig, PreTrainedTokenizerFast
 
+from superclip_pl.flops import training_step_flops
 from superclip_pl.losses import DocumentFrequency, classification_loss, contrastive_loss
 from superclip_pl.model import SuperCLIP, clip_config
 
@@ -37,6 +37,21 @@ def clip_vocab_overrides(vocab_size: int = CLIP_VOCAB) -> dict:
     }
 
 
+def vocab_config(
+    preset: str | dict,
+    vocab_size: int = CLIP_VOCAB,
+    image_size: int | None = None,
+    overrides: dict | None = None,
+) -> CLIPConfig:
+    """The preset's ``CLIPConfig`` with a CLIP-style vocabulary of ``vocab_size``."""
+    overrides = dict(overrides or {})
+    overrides["text_config"] = {
+        **overrides.get("text_config", {}),
+        **clip_vocab_overrides(vocab_size)["text_config"],
+    }
+    return clip_config(preset, image_size=image_size, overrides=overrides)
+
+
 def build_model(
     preset: str | dict,
     head: bool,
@@ -45,12 +60,7 @@ def build_model(
     overrides: dict | None = None,
 ) -> SuperCLIP:
     """A fresh ``SuperCLIP`` (``head=False``: plain CLIP) with a CLIP-style vocabulary of ``vocab_size``."""
-    overrides = dict(overrides or {})
-    overrides["text_config"] = {
-        **overrides.get("text_config", {}),
-        **clip_vocab_overrides(vocab_size)["text_config"],
-    }
-    return SuperCLIP(clip_config(preset, image_size=image_size, overrides=overrides), head=head)
+    return SuperCLIP(vocab_config(preset, vocab_size, image_size, overrides), head=head)
 
 
 def special_ids(vocab_size: int) -> list[int]:
@@ -110,13 +120,7 @@ def flops_per_step(
     preset, vocab_size: int, image_size: int, batch: int, head: bool, overrides: dict | None = None
 ) -> int:
     """Forward + backward FLOPs of one training step (optimizer excluded), counted on the meta device."""
-    with torch.device("meta"):
-        model = build_model(preset, head, vocab_size, image_size, overrides)
-    data = {k: v.to("meta") for k, v in random_batch(batch, image_size, vocab_size).items()}
-    # HF inspects the padding mask's values (.item()), impossible on meta; it changes no matmul shape
-    del data["attention_mask"]
-    ignore = special_ids(vocab_size)
-    return measure_flops(model, lambda: step_loss(model, data, None, ignore), lambda loss: loss)
+    return training_step_flops(vocab_config(preset, vocab_size, image_size, overrides), head, batch, CONTEXT)
 
 
 def word_tokenizer(vocab_size: int, output_dir: str | Path) -> str:

@@ -216,3 +216,37 @@ def test_document_frequency_is_a_checkpointed_buffer(tokenizer_dir):
     assert isinstance(module.doc_freq, DocumentFrequency)
     keys = module.state_dict().keys()
     assert {"doc_freq.df", "doc_freq.num_docs", "samples_seen"} <= set(keys)
+
+
+def test_training_step_flops_count_the_head_as_its_linear_layer(tokenizer_dir):
+    from superclip_pl.flops import training_step_flops
+
+    config = LitSuperCLIP(tokenizer_dir, backbone_config=MICRO).model.config
+    batch, length = 4, 16
+    with_head = training_step_flops(config, True, batch, length)
+    without = training_step_flops(config, False, batch, length)
+    width, vocab = config.vision_config.hidden_size, config.text_config.vocab_size
+    # the head's Linear(width -> vocab): 2BWV forward, 2BWV for the input's and 2BWV for the weight's grad
+    assert with_head - without == 6 * batch * width * vocab
+    assert without > 6 * batch * width * width  # the towers are counted too, forward and backward
+
+
+def test_throughput_monitor_logs_model_flops_per_second(tmp_path, tokenizer_dir, batch):
+    import csv
+
+    from lightning.pytorch.callbacks import ThroughputMonitor
+    from lightning.pytorch.loggers import CSVLogger
+
+    from superclip_pl.flops import training_step_flops
+    from superclip_pl.module import batch_size
+
+    module = LitSuperCLIP(tokenizer_dir, backbone_config=MICRO, warmup_steps=0)
+    monitor = ThroughputMonitor(batch_size_fn=batch_size, window_size=2)
+    trainer = make_trainer(max_steps=4, callbacks=[monitor], logger=CSVLogger(tmp_path), log_every_n_steps=1)
+    trainer.fit(module, DataLoader(Batches([batch] * 4), batch_size=None))
+    expected = training_step_flops(module.model.config, True, *batch["input_ids"].shape)
+    assert module.flops_per_batch == expected
+    with open(trainer.logger.log_dir + "/metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/device/flops_per_sec")]
+    assert rows and all(float(r["train/device/flops_per_sec"]) > 0 for r in rows)
+    assert all(float(r["train/device/samples_per_sec"]) > 0 for r in rows)

@@ -1,6 +1,6 @@
 """``make demo``: CLIP and SuperCLIP trained alike on the shapes data, evaluated, compared side by side.
 
-    python -m superclip_pl.demo [--samples 20000] [--batch-size 16] [--seed 0] [--jobs 1]
+    python -m superclip_pl.demo [--samples 20000] [--batch-size 16] [--seed 0] [--jobs 2]
 
 Both runs see the same data in the same order from the same initial towers; only the classification
 loss differs. Writes ``<out>/summary.json`` and ``<out>/comparison.png``; TensorBoard logs stay in

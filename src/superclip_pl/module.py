@@ -7,8 +7,10 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import ThroughputMonitor
 from torch import nn
 
+from superclip_pl.flops import training_step_flops
 from superclip_pl.losses import DocumentFrequency, classification_loss, contrastive_loss, siglip_loss
 from superclip_pl.model import SuperCLIP
 from superclip_pl.tokenizer import load_tokenizer
@@ -137,6 +139,20 @@ class LitSuperCLIP(LightningModule):
             terms["loss"] = con + self.hparams.class_loss_weight * cls
         terms["logit_scale"] = out["logit_scale"].detach()
         return terms
+
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # Lightning's ThroughputMonitor reads `flops_per_batch` to log FLOP/s (and MFU where it knows the
+        # device's peak); counted on the meta device once per batch shape, and only when it is asked for.
+        # Its Throughput divides the FLOPs it is given by the world size for the per-device figures, so
+        # they are those of the global batch: this rank's step x world size.
+        if not any(isinstance(c, ThroughputMonitor) for c in self.trainer.callbacks):
+            return
+        shape = tuple(batch["input_ids"].shape)
+        if getattr(self, "_flops_shape", None) != shape:
+            head = self.model.head is not None
+            flops = training_step_flops(self.model.config, head, *shape)
+            self.flops_per_batch = flops * self.trainer.world_size
+            self._flops_shape = shape
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         terms = self.compute_losses(batch, train=True)
