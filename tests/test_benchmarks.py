@@ -96,12 +96,10 @@ def test_gpu_check_skips_cleanly_without_cuda(bench, capsys):
     assert "skipped" in capsys.readouterr().out
 
 
-def test_attribute_probe_reports_every_figure(bench, tmp_path, tokenizer_dir, batch):
-    from lightning.pytorch import Trainer
-
-    from conftest import MICRO
+@pytest.fixture
+def shapes_dir(tmp_path) -> Path:
+    """A very small shapes data set (8 training samples, 16 per evaluation set)."""
     from superclip_pl import synthetic
-    from superclip_pl.module import LitSuperCLIP
 
     synthetic.generate(
         tmp_path / "shapes",
@@ -112,6 +110,15 @@ def test_attribute_probe_reports_every_figure(bench, tmp_path, tokenizer_dir, ba
         num_workers=1,
         progress=False,
     )
+    return tmp_path / "shapes"
+
+
+def test_attribute_probe_reports_every_figure(bench, tmp_path, shapes_dir, tokenizer_dir, batch):
+    from lightning.pytorch import Trainer
+
+    from conftest import MICRO
+    from superclip_pl.module import LitSuperCLIP
+
     module = LitSuperCLIP(tokenizer_dir, backbone_config=MICRO, warmup_steps=0)
     trainer = Trainer(
         accelerator="cpu",
@@ -124,28 +131,17 @@ def test_attribute_probe_reports_every_figure(bench, tmp_path, tokenizer_dir, ba
     trainer.fit(module, torch.utils.data.DataLoader([batch], batch_size=None))
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     result = bench("attribute_probe").main(
-        [str(tmp_path / "m.ckpt"), "--set", str(tmp_path / "shapes/eval/shape")]
+        [str(tmp_path / "m.ckpt"), "--set", str(shapes_dir / "eval/shape")]
     )
     figures = result[str(tmp_path / "m.ckpt")]
     assert set(figures) == {"zeroshot_top1", "probe_cls", "probe_patch_mean", "probe_embedding", "chance"}
     assert figures["chance"] == 1 / 8 and all(0 <= v <= 1 for v in figures.values())
 
 
-def test_attribute_learnability_reports_a_curve(bench, tmp_path):
-    from superclip_pl import synthetic
-
-    synthetic.generate(
-        tmp_path / "shapes",
-        train_samples=8,
-        eval_samples=16,
-        retrieval_samples=4,
-        shard_size=8,
-        num_workers=1,
-        progress=False,
-    )
+def test_attribute_learnability_reports_a_curve(bench, shapes_dir):
     result = bench("attribute_learnability").main(
         ["--attribute", "count", "--steps", "3", "--batch-size", "4", "--eval-every", "2"]
-        + ["--eval-root", str(tmp_path / "shapes/eval/count")]
+        + ["--eval-root", str(shapes_dir / "eval/count")]
     )
     assert [p["step"] for p in result["curve"]] == [2, 3]
     assert result["chance"] == 1 / 3 and all(0 <= p["top1"] <= 1 for p in result["curve"])

@@ -8,9 +8,11 @@ are kept in ``results.json``, so an interrupted ablation resumes where it stoppe
 run first is completed by a larger one later (``--fresh`` redoes everything). Writes ``results.json``
 and ``ablation.png`` (mean +- std over seeds).
 
-Cost: one CLIP + SuperCLIP pair at 40k samples takes about 12 minutes on 2 cores, so the full default
-grid (5 batch sizes x 3 seeds) takes about 3 hours. At 10k samples (45 minutes for the grid) the tiny
-model learns little beyond colour and neither method is ahead; see the README's results.
+Cost on 2 CPU cores, runs two at a time: a CLIP + SuperCLIP pair takes about 12 minutes at 40k
+samples and 33 at 120k. ``make ablation`` runs the README's result (batch 16, 3 seeds, 120k samples:
+about 70 minutes); the default grid here (5 batch sizes x 3 seeds at 40k) takes about 3 hours. Below
+120k samples the tiny model learns little beyond colour and the zero-shot mean does not separate the
+methods; see the README's results.
 """
 
 from __future__ import annotations
