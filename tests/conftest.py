@@ -66,3 +66,18 @@ def batch(tokenizer):
         "input_ids": enc["input_ids"],
         "attention_mask": enc["attention_mask"],
     }
+
+
+def quiet_trainer(**kwargs):
+    """A one-device CPU Trainer without logger, checkpoints, progress bar or model summary."""
+    from lightning.pytorch import Trainer
+
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return Trainer(**(defaults | kwargs))

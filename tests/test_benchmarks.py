@@ -114,20 +114,11 @@ def shapes_dir(tmp_path) -> Path:
 
 
 def test_attribute_probe_reports_every_figure(bench, tmp_path, shapes_dir, tokenizer_dir, batch):
-    from lightning.pytorch import Trainer
-
-    from conftest import MICRO
+    from conftest import MICRO, quiet_trainer
     from superclip_pl.module import LitSuperCLIP
 
     module = LitSuperCLIP(tokenizer_dir, backbone_config=MICRO, warmup_steps=0)
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_steps=1)
     trainer.fit(module, torch.utils.data.DataLoader([batch], batch_size=None))
     trainer.save_checkpoint(tmp_path / "m.ckpt")
     result = bench("attribute_probe").main(

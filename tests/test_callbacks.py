@@ -16,12 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
 from PIL import Image
 
 import distributed_eval as de
-from conftest import MICRO
+from conftest import MICRO, quiet_trainer
 from superclip_pl.callbacks import ZeroShotClassification, ZeroShotRetrieval
 from superclip_pl.evalsets import load_classification_set, load_retrieval_set
 from superclip_pl.module import LitSuperCLIP
@@ -68,18 +67,6 @@ def module(world):
     module = LitSuperCLIP(**checkpoint["hyper_parameters"])
     module.load_state_dict(checkpoint["state_dict"])
     return module
-
-
-def quiet_trainer(**kwargs) -> Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    return Trainer(**(defaults | kwargs))
 
 
 @pytest.mark.slow

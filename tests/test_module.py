@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 from torch.utils.data import DataLoader, IterableDataset
 
-from conftest import MICRO
+from conftest import MICRO, quiet_trainer
 from superclip_pl.losses import DocumentFrequency
 from superclip_pl.module import LitSuperCLIP, param_groups, warmup_cosine
 
@@ -33,18 +33,6 @@ class LossHistory(Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def make_trainer(**kw) -> Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    return Trainer(**{**defaults, **kw})
-
-
 @pytest.mark.parametrize("weight", [0.0, 1.0])
 def test_overfits_one_fixed_batch(tokenizer_dir, batch, weight):
     torch.manual_seed(0)
@@ -57,7 +45,7 @@ def test_overfits_one_fixed_batch(tokenizer_dir, batch, weight):
         weight_decay=0.0,
     )
     history = LossHistory()
-    make_trainer(max_steps=40, callbacks=[history]).fit(
+    quiet_trainer(max_steps=40, callbacks=[history]).fit(
         module, DataLoader(Batches([batch] * 40), batch_size=None)
     )
     first, last = history.losses[0], history.losses[-1]
@@ -74,7 +62,7 @@ def test_siglip_option_learns(tokenizer_dir, batch):
     )
     assert module.model.logit_bias is not None
     history = LossHistory()
-    make_trainer(max_steps=30, callbacks=[history]).fit(
+    quiet_trainer(max_steps=30, callbacks=[history]).fit(
         module, DataLoader(Batches([batch] * 30), batch_size=None)
     )
     assert history.losses[-1] < 0.5 * history.losses[0]
@@ -106,7 +94,7 @@ def test_document_counts_with_gradient_accumulation_count_each_caption_once(toke
     torch.manual_seed(0)
     module = LitSuperCLIP(tokenizer_dir, backbone_config=MICRO, warmup_steps=0)
     batches, captions = distinct_batches(tokenizer, 6)
-    trainer = make_trainer(max_steps=3, accumulate_grad_batches=2)
+    trainer = quiet_trainer(max_steps=3, accumulate_grad_batches=2)
     trainer.fit(module, DataLoader(Batches(batches), batch_size=None))
     assert trainer.global_step == 3
     assert int(module.doc_freq.num_docs) == len(captions) == 24
@@ -120,7 +108,7 @@ def test_document_counts_round_trip_through_a_checkpoint(tmp_path, tokenizer_dir
     torch.manual_seed(0)
     module = LitSuperCLIP(tokenizer_dir, backbone_config=MICRO, warmup_steps=0)
     batches, captions = distinct_batches(tokenizer, 6)
-    trainer = make_trainer(max_steps=3, default_root_dir=tmp_path)
+    trainer = quiet_trainer(max_steps=3, default_root_dir=tmp_path)
     trainer.fit(module, DataLoader(Batches(batches[:3]), batch_size=None))
     ckpt = tmp_path / "three.ckpt"
     trainer.save_checkpoint(ckpt)
@@ -129,7 +117,7 @@ def test_document_counts_round_trip_through_a_checkpoint(tmp_path, tokenizer_dir
     assert int(restored.doc_freq.num_docs) == 12
     # resuming the fit continues the counts from the checkpoint
     resumed = LitSuperCLIP(tokenizer_dir, backbone_config=MICRO, warmup_steps=0)
-    make_trainer(max_steps=6, default_root_dir=tmp_path).fit(
+    quiet_trainer(max_steps=6, default_root_dir=tmp_path).fit(
         resumed, DataLoader(Batches(batches[3:]), batch_size=None), ckpt_path=ckpt
     )
     torch.testing.assert_close(
@@ -242,7 +230,7 @@ def test_throughput_monitor_logs_model_flops_per_second(tmp_path, tokenizer_dir,
 
     module = LitSuperCLIP(tokenizer_dir, backbone_config=MICRO, warmup_steps=0)
     monitor = ThroughputMonitor(batch_size_fn=batch_size, window_size=2)
-    trainer = make_trainer(max_steps=4, callbacks=[monitor], logger=CSVLogger(tmp_path), log_every_n_steps=1)
+    trainer = quiet_trainer(max_steps=4, callbacks=[monitor], logger=CSVLogger(tmp_path), log_every_n_steps=1)
     trainer.fit(module, DataLoader(Batches([batch] * 4), batch_size=None))
     expected = training_step_flops(module.model.config, True, *batch["input_ids"].shape)
     assert module.flops_per_batch == expected
