@@ -2,7 +2,7 @@
 
 import pytest
 
-from superclip_pl.ablation import gaps, summarise
+from superclip_pl.ablation import gaps, paired, plot, summarise
 from superclip_pl.experiments import RETRIEVAL_R1, ZEROSHOT_TOP1, Run, headline
 
 
@@ -45,3 +45,25 @@ def test_summary_over_seeds_and_gap():
     gap = gaps(summary)["16"]
     assert gap["zeroshot_mean_top1"] == pytest.approx(0.05)
     assert gap["retrieval_mean_R@1"] == pytest.approx(0.025)
+
+
+def test_paired_differences_use_only_seeds_both_methods_finished(tmp_path):
+    values = {"clip": {0: 0.40, 1: 0.50, 2: 0.45}, "superclip": {0: 0.43, 1: 0.49}}  # seed 2 still running
+    runs = {}
+    for method, by_seed in values.items():
+        for seed, v in by_seed.items():
+            m = metrics(v, v / 2)
+            runs[f"{method}/bs32/seed{seed}"] = {
+                "method": method,
+                "batch_size": 32,
+                "seed": seed,
+                "metrics": {**m, **headline(m)},
+            }
+    diff = paired(summarise(runs))["32"]
+    assert diff["seeds"] == [0, 1]
+    zs = diff["zeroshot_mean_top1"]
+    assert zs["mean"] == pytest.approx(0.01) and zs["wins"] == 1
+    assert zs["std"] == pytest.approx(((0.03 - 0.01) ** 2 + (-0.01 - 0.01) ** 2) ** 0.5)
+    assert diff["retrieval_mean_R@1"]["mean"] == pytest.approx(0.005)
+    plot(summarise(runs), tmp_path / "a.png", samples=1000)
+    assert (tmp_path / "a.png").stat().st_size > 0

@@ -59,14 +59,36 @@ def gaps(summary: dict) -> dict:
     }
 
 
+def paired(summary: dict) -> dict:
+    """SuperCLIP - CLIP seed by seed (same seed = same initialisation and data order), per batch size
+    and headline metric: mean and std of the differences, and in how many seeds SuperCLIP is ahead.
+    Only seeds both methods have finished count."""
+    out = {}
+    for bs in sorted(set(summary.get("clip", {})) & set(summary.get("superclip", {})), key=int):
+        clip, sup = summary["clip"][bs], summary["superclip"][bs]
+        seeds = sorted(set(clip["seeds"]) & set(sup["seeds"]))
+        if not seeds:
+            continue
+        out[bs] = {"seeds": seeds}
+        for key in HEADLINES:
+            by_seed = [dict(zip(entry["seeds"], entry[key]["values"], strict=True)) for entry in (clip, sup)]
+            diffs = [by_seed[1][s] - by_seed[0][s] for s in seeds]
+            out[bs][key] = {
+                "mean": statistics.fmean(diffs),
+                "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+                "wins": sum(d > 0 for d in diffs),
+            }
+    return out
+
+
 def plot(summary: dict, path: Path, samples: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, (key, label) in zip(axes, HEADLINES.items(), strict=True):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, (key, label) in zip(axes, HEADLINES.items(), strict=False):
         for method, style in (("clip", "o--"), ("superclip", "s-")):
             if method not in summary:
                 continue
@@ -84,6 +106,23 @@ def plot(summary: dict, path: Path, samples: int) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
+    ax, diffs = axes[2], paired(summary)
+    sizes = list(diffs)
+    for key, style in zip(HEADLINES, ("o-", "s-"), strict=True):
+        ax.errorbar(
+            [int(b) for b in sizes],
+            [diffs[b][key]["mean"] for b in sizes],
+            yerr=[diffs[b][key]["std"] for b in sizes],
+            fmt=style,
+            capsize=3,
+            label={"zeroshot_mean_top1": "zero-shot top-1", "retrieval_mean_R@1": "retrieval R@1"}[key],
+        )
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("SuperCLIP - CLIP (paired by seed)")
+    ax.grid(alpha=0.3)
+    ax.legend()
     fig.suptitle(f"shapes: CLIP vs SuperCLIP at {samples} samples seen (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -112,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("data/shapes is missing: run `make data` first (`make ablation` does it for you)")
     results_path = args.output_dir / "results.json"
     previous = {} if args.fresh or not results_path.exists() else json.loads(results_path.read_text())
-    setup = {"samples": args.samples, "extra": args.extra}
+    setup = {"samples": args.samples}
     done = previous.get("runs", {}) if previous.get("setup", {}).get("samples") == args.samples else {}
 
     grid = [(m, bs, s) for bs in args.batch_sizes for s in args.seeds for m in METHODS]
@@ -141,20 +180,31 @@ def main(argv: list[str] | None = None) -> dict:
             "method": run.name,
             "batch_size": run.batch_size,
             "seed": run.seed,
+            "extra": run.extra,
             "metrics": {**metrics, **headline(metrics)},
         }
         summary = summarise(done)
-        results = {"setup": setup, "summary": summary, "gap": gaps(summary), "runs": done}
+        results = {
+            "setup": setup,
+            "summary": summary,
+            "gap": gaps(summary),
+            "paired": paired(summary),
+            "runs": done,
+        }
         results_path.write_text(json.dumps(results, indent=2) + "\n")
 
     run_all(runs, jobs=args.jobs, desc="ablation", on_done=record)
     summary = summarise(done)
     plot(summary, args.output_dir / "ablation.png", args.samples)
-    print(f"\n{'batch':>6}  " + "  ".join(f"{k:>28}" for k in HEADLINES))
-    for bs, gap in gaps(summary).items():
+    print(f"\n{'batch':>6}  " + "  ".join(f"{k:>36}" for k in HEADLINES))
+    for bs, diff in paired(summary).items():
         clip, sup = summary["clip"][bs], summary["superclip"][bs]
-        cells = [f"{clip[k]['mean']:.3f} -> {sup[k]['mean']:.3f} ({gap[k]:+.3f})" for k in HEADLINES]
-        print(f"{bs:>6}  " + "  ".join(f"{c:>28}" for c in cells))
+        cells = [
+            f"{clip[k]['mean']:.3f} -> {sup[k]['mean']:.3f} ({diff[k]['mean']:+.3f}, "
+            f"{diff[k]['wins']}/{len(diff['seeds'])} seeds)"
+            for k in HEADLINES
+        ]
+        print(f"{bs:>6}  " + "  ".join(f"{c:>36}" for c in cells))
     print(f"\nresults: {results_path}, plot: {args.output_dir / 'ablation.png'}")
     return json.loads(results_path.read_text())
 
