@@ -66,4 +66,7 @@ def test_paired_differences_use_only_seeds_both_methods_finished(tmp_path):
     assert zs["std"] == pytest.approx(((0.03 - 0.01) ** 2 + (-0.01 - 0.01) ** 2) ** 0.5)
     assert diff["retrieval_mean_R@1"]["mean"] == pytest.approx(0.005)
     plot(summarise(runs), tmp_path / "a.png", samples=1000)
-    assert (tmp_path / "a.png").stat().st_size > 0
+    only_one = {k: r for k, r in runs.items() if r["method"] == "superclip"}  # nothing to pair yet
+    assert paired(summarise(only_one)) == {}
+    plot(summarise(only_one), tmp_path / "b.png", samples=1000)
+    assert (tmp_path / "a.png").stat().st_size > 0 and (tmp_path / "b.png").stat().st_size > 0

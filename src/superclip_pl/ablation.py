@@ -81,6 +81,13 @@ def paired(summary: dict) -> dict:
     return out
 
 
+def _batch_axis(ax, sizes: list[str]) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([int(b) for b in sizes], sizes)
+    ax.minorticks_off()
+    ax.set_xlabel("batch size")
+
+
 def plot(summary: dict, path: Path, samples: int) -> None:
     import matplotlib
 
@@ -88,6 +95,7 @@ def plot(summary: dict, path: Path, samples: int) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    every_size = sorted({b for runs in summary.values() for b in runs}, key=int)
     for ax, (key, label) in zip(axes, HEADLINES.items(), strict=False):
         for method, style in (("clip", "o--"), ("superclip", "s-")):
             if method not in summary:
@@ -101,8 +109,7 @@ def plot(summary: dict, path: Path, samples: int) -> None:
                 capsize=3,
                 label={"clip": "CLIP", "superclip": "SuperCLIP"}[method],
             )
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch size")
+        _batch_axis(ax, every_size)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -118,8 +125,7 @@ def plot(summary: dict, path: Path, samples: int) -> None:
             label={"zeroshot_mean_top1": "zero-shot top-1", "retrieval_mean_R@1": "retrieval R@1"}[key],
         )
     ax.axhline(0.0, color="grey", linewidth=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch size")
+    _batch_axis(ax, every_size)
     ax.set_ylabel("SuperCLIP - CLIP (paired by seed)")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -135,6 +141,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32, 64, 128])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS), help="which runs to make"
+    )
     parser.add_argument("--samples", type=int, default=40000, help="training samples seen by every run")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (threads are split between them)")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/ablation"))
@@ -154,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     setup = {"samples": args.samples}
     done = previous.get("runs", {}) if previous.get("setup", {}).get("samples") == args.samples else {}
 
-    grid = [(m, bs, s) for bs in args.batch_sizes for s in args.seeds for m in METHODS]
+    grid = [(m, bs, s) for bs in args.batch_sizes for s in args.seeds for m in args.methods]
     todo = [g for g in grid if f"{g[0]}/bs{g[1]}/seed{g[2]}" not in done]
     runs = [
         Run(
