@@ -1,12 +1,13 @@
 """``make ablation``: CLIP vs SuperCLIP across batch sizes at equal samples seen, several seeds.
 
     python -m superclip_pl.ablation [--batch-sizes 8 16 32 64 128] [--seeds 0 1 2] [--samples 40000]
-                                    [--jobs 2] [--output-dir outputs/ablation]
+                                    [--methods clip superclip] [--jobs 2] [--output-dir outputs/ablation]
+                                    [--extra ARGS FOR superclip fit ...]
 
 The paper's teaser redone at small scale: the SuperCLIP - CLIP gap against batch size. Finished runs
 are kept in ``results.json``, so an interrupted ablation resumes where it stopped, and a smaller grid
 run first is completed by a larger one later (``--fresh`` redoes everything). Writes ``results.json``
-and ``ablation.png`` (mean +- std over seeds).
+and ``ablation.png`` (mean +- std over seeds, and SuperCLIP - CLIP paired by seed).
 
 Cost on 2 CPU cores, runs two at a time: a CLIP + SuperCLIP pair takes about 12 minutes at 40k
 samples and 33 at 120k. ``make ablation`` runs the README's result (batch 16, 3 seeds, 120k samples:
