@@ -82,6 +82,13 @@ def paired(summary: dict) -> dict:
     return out
 
 
+def _errorbars(ax, by_size: dict[str, dict], fmt: str, label: str) -> None:
+    """One line of ``{"mean", "std"}`` entries keyed by batch size."""
+    sizes = sorted(by_size, key=int)
+    means, stds = ([by_size[b][k] for b in sizes] for k in ("mean", "std"))
+    ax.errorbar([int(b) for b in sizes], means, yerr=stds, fmt=fmt, capsize=3, label=label)
+
+
 def _batch_axis(ax, sizes: list[str]) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xticks([int(b) for b in sizes], sizes)
@@ -98,33 +105,16 @@ def plot(summary: dict, path: Path, samples: int) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     every_size = sorted({b for runs in summary.values() for b in runs}, key=int)
     for ax, (key, label) in zip(axes, HEADLINES.items(), strict=False):
-        for method, style in (("clip", "o--"), ("superclip", "s-")):
-            if method not in summary:
-                continue
-            sizes = sorted(summary[method], key=int)
-            ax.errorbar(
-                [int(b) for b in sizes],
-                [summary[method][b][key]["mean"] for b in sizes],
-                yerr=[summary[method][b][key]["std"] for b in sizes],
-                fmt=style,
-                capsize=3,
-                label={"clip": "CLIP", "superclip": "SuperCLIP"}[method],
-            )
+        for method, style, name in (("clip", "o--", "CLIP"), ("superclip", "s-", "SuperCLIP")):
+            if method in summary:
+                _errorbars(ax, {b: entry[key] for b, entry in summary[method].items()}, style, name)
         _batch_axis(ax, every_size)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
     ax, diffs = axes[2], paired(summary)
-    sizes = list(diffs)
-    for key, style in zip(HEADLINES, ("o-", "s-"), strict=True):
-        ax.errorbar(
-            [int(b) for b in sizes],
-            [diffs[b][key]["mean"] for b in sizes],
-            yerr=[diffs[b][key]["std"] for b in sizes],
-            fmt=style,
-            capsize=3,
-            label={"zeroshot_mean_top1": "zero-shot top-1", "retrieval_mean_R@1": "retrieval R@1"}[key],
-        )
+    for key, style, name in zip(HEADLINES, ("o-", "s-"), ("zero-shot top-1", "retrieval R@1"), strict=True):
+        _errorbars(ax, {b: d[key] for b, d in diffs.items()}, style, name)
     ax.axhline(0.0, color="grey", linewidth=0.8)
     _batch_axis(ax, every_size)
     ax.set_ylabel("SuperCLIP - CLIP (paired by seed)")
