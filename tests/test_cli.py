@@ -3,9 +3,12 @@
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from superclip_pl import demo, synthetic
@@ -88,6 +91,67 @@ def test_debug_fit_then_validate_and_test(shapes, monkeypatch):
         assert all(0 <= metrics[k] <= 1 for k in CONTRACT)
         # validate reads data.val; test has no data.test: one empty step, then the callbacks evaluate
         assert ("val/loss" in metrics) == (stage == "validate") and "test/loss" not in metrics
+
+
+def test_fit_evaluates_and_saves_the_final_model_when_the_intervals_stop_short_of_it(
+    shapes, monkeypatch, capsys
+):
+    """Validation (and so checkpoints) every 10 steps of a 24-step run: evaluations at 10 and 20, and
+    one more at 24, so metrics.json never holds the numbers of an earlier model; last.ckpt is step 24."""
+    monkeypatch.chdir(shapes)
+    fit = main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "debug.yaml"),
+            "--trainer.max_steps",
+            "24",
+            "--trainer.val_check_interval",
+            "10",
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.logger.init_args.save_dir",
+            "outputs/short_interval",
+        ]
+    )
+    log_dir = Path(fit.trainer.log_dir)
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    for tag in ("val/loss", "retrieval/retrieval/i2t_R@1", "zeroshot/shape/top1"):
+        steps = [e.step for e in events.Scalars(tag)]  # Lightning logs those during fit at step - 1
+        assert len(steps) == 3 and steps[0] < steps[1] < steps[2] == 24, (tag, steps)
+    metrics = json.loads((log_dir / "metrics.json").read_text())
+    assert metrics["val/loss"] == pytest.approx(events.Scalars("val/loss")[-1].value)
+    assert metrics["zeroshot/shape/top1"] == pytest.approx(events.Scalars("zeroshot/shape/top1")[-1].value)
+    out = capsys.readouterr().out
+    assert "last evaluation was at step 20" in out and "Evaluation at step 24" in out
+    last = torch.load(log_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 24
+    assert all(v.equal(fit.model.state_dict()[k]) for k, v in last["state_dict"].items())
+
+
+@pytest.mark.slow
+def test_ddp_fit_through_the_entry_point_ends_with_the_final_model(shapes, tmp_path):
+    """`superclip fit` on 2 gloo processes (a subprocess: DDP relaunches the command line): every rank
+    takes part in the end-of-fit work (the log-dir broadcast, the extra evaluation, the final save),
+    so the run exits 0 with metrics.json and last.ckpt of the last step, each announced once."""
+    args = ["--config", str(CONFIGS / "debug.yaml"), "--trainer.strategy", "ddp", "--trainer.devices", "2"]
+    args += ["--trainer.max_steps", "12", "--trainer.val_check_interval", "5"]
+    args += ["--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "superclip_pl", "fit", *args],
+        cwd=shapes,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log_dir = tmp_path / "superclip" / "version_0"
+    assert set(CONTRACT) <= set(json.loads((log_dir / "metrics.json").read_text()))
+    last = torch.load(log_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["global_step"] == 12
+    assert proc.stdout.count("last evaluation was at step 10, training ended at step 12") == 1
+    assert proc.stdout.count("Evaluation at step 12") == 1
 
 
 def test_wrong_column_fails_at_once_with_the_choices(shapes, monkeypatch, capsys):

@@ -76,6 +76,7 @@ class _SetEvaluation(Callback, ABC):
         self.results: dict[str, float] = {}  # metric name -> value, of the last evaluation
         self._fresh = False  # results not printed yet
         self._last_step = 0  # optimizer step of the last step-driven evaluation
+        self.evaluated_at: int | None = None  # optimizer step of the model behind ``results``
 
     # -- what a subclass provides -----------------------------------------------------------------
     # _load(rank=, world_size=): the evaluation set as that rank reads it; picklable (DataLoader workers)
@@ -122,6 +123,7 @@ class _SetEvaluation(Callback, ABC):
         with inference(trainer, pl_module):
             values = self._evaluate(trainer, pl_module)
         self.results = {f"{self.prefix}/{self.name}/{k}": v for k, v in values.items()}
+        self.evaluated_at = trainer.global_step
         self._fresh = True
         for key, value in self.results.items():
             # to callback_metrics (metrics.json, checkpoint monitors); identical on all ranks: no sync

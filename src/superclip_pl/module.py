@@ -184,6 +184,13 @@ class LitSuperCLIP(LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor] | None, batch_idx: int) -> None:
         self._evaluation_step(batch, "val")
 
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.validated_at = self.global_step  # the CLI checks that fit ends with an evaluation
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.saved_at = self.global_step  # ... and with a checkpoint
+
     def test_step(self, batch: dict[str, torch.Tensor] | None, batch_idx: int) -> None:
         self._evaluation_step(batch, "test")
 
