@@ -17,6 +17,17 @@ def test_runs_see_the_same_samples_at_every_batch_size(tmp_path):
     assert small.log_dir == tmp_path / "clip" / "v"
 
 
+def test_evaluations_at_equal_samples_seen_across_batch_sizes(tmp_path):
+    def interval(batch_size: int, every: int | None) -> str:
+        run = Run("clip", "c.yaml", tmp_path, "v", batch_size=batch_size, samples=120000, eval_every=every)
+        args = run.args(progress=False)
+        return args[args.index("--trainer.val_check_interval") + 1]
+
+    assert [interval(b, 20000) for b in (16, 32, 64, 128)] == ["1250", "625", "312", "156"]
+    assert interval(64, None) == "1875"  # the end only
+    assert interval(64, 10**6) == "1875" and interval(20000, 8) == "1"  # never past the end, never 0
+
+
 def metrics(zs: float, r1: float) -> dict:
     return {**{k: zs for k in ZEROSHOT_TOP1}, **{k: r1 for k in RETRIEVAL_R1}}
 

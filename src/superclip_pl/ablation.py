@@ -1,7 +1,8 @@
 """``make ablation``: CLIP vs SuperCLIP across batch sizes at equal samples seen, several seeds.
 
     python -m superclip_pl.ablation [--batch-sizes 8 16 32 64 128] [--seeds 0 1 2] [--samples 40000]
-                                    [--methods clip superclip] [--jobs 2] [--output-dir outputs/ablation]
+                                    [--methods clip superclip] [--eval-every SAMPLES] [--jobs 2]
+                                    [--output-dir outputs/ablation]
                                     [--extra ARGS FOR superclip fit ...]
 
 The paper's teaser redone at small scale: the SuperCLIP - CLIP gap against batch size. Finished runs
@@ -136,6 +137,13 @@ def main(argv: list[str] | None = None) -> dict:
         "--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS), help="which runs to make"
     )
     parser.add_argument("--samples", type=int, default=40000, help="training samples seen by every run")
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        metavar="SAMPLES",
+        help="also evaluate every this many samples seen (learning curves in TensorBoard); default: "
+        "at the end only",
+    )
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (threads are split between them)")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/ablation"))
     parser.add_argument("--configs-dir", type=Path, default=Path("configs"), help="where demo*.yaml are")
@@ -165,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
             bs,
             args.samples,
             s,
+            eval_every=args.eval_every,
             extra=args.extra,
         )
         for m, bs, s in todo
@@ -180,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
             "method": run.name,
             "batch_size": run.batch_size,
             "seed": run.seed,
+            "eval_every": run.eval_every,
             "extra": run.extra,
             "metrics": {**metrics, **headline(metrics)},
         }

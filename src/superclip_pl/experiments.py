@@ -68,6 +68,7 @@ class Run:
     samples: int
     seed: int = 0
     warmup_samples: int = 1600
+    eval_every: int | None = None  # samples seen between evaluations; None: one, at the end
     extra: list[str] = field(default_factory=list)
 
     @property
@@ -82,9 +83,18 @@ class Run:
     def steps(self) -> int:
         return math.ceil(self.samples / self.batch_size)
 
+    @property
+    def eval_interval(self) -> int:
+        """Optimizer steps between evaluations: the same samples seen at every batch size (the
+        final model is evaluated as well when the interval does not divide the run)."""
+        if self.eval_every is None:
+            return self.steps
+        return min(self.steps, max(1, round(self.eval_every / self.batch_size)))
+
     def args(self, progress: bool) -> list[str]:
         """Command-line arguments: the same data order and initialisation for every method at a seed,
-        the same number of samples seen at every batch size, and one evaluation at the end."""
+        the same number of samples seen at every batch size, evaluations at ``eval_every`` samples
+        and at the end."""
         return [
             "fit",
             "--config",
@@ -98,7 +108,7 @@ class Run:
             "--trainer.max_steps",
             str(self.steps),
             "--trainer.val_check_interval",
-            str(self.steps),
+            str(self.eval_interval),
             "--model.warmup_steps",
             str(max(1, round(self.warmup_samples / self.batch_size))),
             "--trainer.logger.init_args.save_dir",
