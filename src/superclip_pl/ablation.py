@@ -11,10 +11,11 @@ run first is completed by a larger one later (``--fresh`` redoes everything). Wr
 and ``ablation.png`` (mean +- std over seeds, and SuperCLIP - CLIP paired by seed).
 
 Cost on 2 CPU cores, runs two at a time: a CLIP + SuperCLIP pair takes about 12 minutes at 40k
-samples and 33 at 120k. ``make ablation`` runs the README's result (batch 16, 3 seeds, 120k samples:
-about 70 minutes); the default grid here (5 batch sizes x 3 seeds at 40k) takes about 3 hours. Below
-120k samples the tiny model learns little beyond colour and the zero-shot mean does not separate the
-methods; see the README's results.
+samples, and at 120k 23 (batch 16), 29 (batch 32) or 27 minutes (batch 64). ``make ablation`` runs the
+README's grid (batch 16, 32, 64; 3 seeds; 120k samples; evaluations every 20k samples): about 4 hours,
+batch 16 first (70 minutes). The default grid here (5 batch sizes x 3 seeds at 40k) takes about 3
+hours. Below 120k samples the tiny model learns little beyond colour and the zero-shot mean does not
+separate the methods; see the README's results.
 """
 
 from __future__ import annotations
