@@ -11,7 +11,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from superclip_pl import demo, synthetic
+from superclip_pl import ablation, demo, synthetic
 from superclip_pl.cli import main
 from superclip_pl.experiments import SHAPES_METRICS
 
@@ -121,6 +121,7 @@ def test_fit_evaluates_and_saves_the_final_model_when_the_intervals_stop_short_o
         steps = [e.step for e in events.Scalars(tag)]  # Lightning logs those during fit at step - 1
         assert len(steps) == 3 and steps[0] < steps[1] < steps[2] == 24, (tag, steps)
     metrics = json.loads((log_dir / "metrics.json").read_text())
+    assert metrics["train/samples_seen"] == 24 * 8 and "train/class_loss" in metrics  # kept from fit
     assert metrics["val/loss"] == pytest.approx(events.Scalars("val/loss")[-1].value)
     assert metrics["zeroshot/shape/top1"] == pytest.approx(events.Scalars("zeroshot/shape/top1")[-1].value)
     out = capsys.readouterr().out
@@ -198,3 +199,32 @@ def test_shortened_demo_writes_its_summary_and_plot(shapes, monkeypatch):
     assert {r["metric"] for r in saved["comparison"]} >= set(SHAPES_METRICS)
     assert summary["comparison"] == saved["comparison"]
     assert list((out / "superclip").rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_shortened_ablation_evaluates_every_run_at_its_end_and_resumes(shapes, monkeypatch, capsys):
+    """Two batch sizes at 40 samples, an evaluation every 24 samples (6 and 3 steps: neither divides
+    the run): every run's recorded metrics are those of its final model, and a second call reruns
+    nothing."""
+    monkeypatch.chdir(shapes)
+    argv = ["--batch-sizes", "4", "8", "--seeds", "0", "--samples", "40", "--eval-every", "24"]
+    argv += ["--configs-dir", str(CONFIGS), "--output-dir", "outputs/ablation"]
+    results = ablation.main(argv)
+    out = shapes / "outputs" / "ablation"
+    assert (out / "ablation.png").stat().st_size > 1000
+    assert sorted(results["runs"]) == sorted(
+        f"{m}/bs{b}/seed0" for m in ("clip", "superclip") for b in (4, 8)
+    )
+    assert set(results["paired"]) == {"4", "8"} and results["setup"] == {"samples": 40}
+    for key, run in results["runs"].items():
+        assert run["metrics"]["train/samples_seen"] == 40 and run["eval_every"] == 24, key
+        method, bs = run["method"], run["batch_size"]
+        events = EventAccumulator(str(out / method / f"bs{bs}-seed0"))
+        events.Reload()
+        shape = events.Scalars("zeroshot/shape/top1")
+        assert [e.step for e in shape][-1] == 40 // bs and len(shape) == 2, key  # at 24 samples and the end
+        assert run["metrics"]["zeroshot/shape/top1"] == pytest.approx(shape[-1].value), key
+    capsys.readouterr()
+    again = ablation.main(argv)
+    assert "4 runs, 4 already done, 0 to go" in capsys.readouterr().out
+    assert again["runs"] == results["runs"]

@@ -22,13 +22,15 @@ class SuperCLIPCLI(LightningCLI):
         # the backbone decides the resolution the images are prepared at
         parser.link_arguments("model.image_size", "data.init_args.image_size", apply_on="instantiate")
 
-    def _write_metrics(self) -> None:
-        """Write the run's final metrics as one flat JSON object to ``<log_dir>/metrics.json``."""
+    def _write_metrics(self, earlier: dict | None = None) -> None:
+        """Write the run's final metrics as one flat JSON object to ``<log_dir>/metrics.json``; those
+        of ``earlier`` that the last loop did not log again (training metrics) are kept."""
         trainer = self.trainer
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast: every rank asks
         if not trainer.is_global_zero:
             return
-        metrics = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if v.numel() == 1}
+        values = {**(earlier or {}), **trainer.callback_metrics}
+        metrics = {k: float(v) for k, v in sorted(values.items()) if v.numel() == 1}
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         print(f"metrics written to {log_dir / 'metrics.json'}")
@@ -64,7 +66,7 @@ class SuperCLIPCLI(LightningCLI):
 
     def after_fit(self) -> None:
         self._save_final_checkpoint()
-        stale = self._stale_evaluation()
+        stale, earlier = self._stale_evaluation(), dict(self.trainer.callback_metrics)
         if stale is not None:
             if self.trainer.is_global_zero:
                 print(
@@ -72,7 +74,7 @@ class SuperCLIPCLI(LightningCLI):
                     f"{self.trainer.global_step}: evaluating the final model"
                 )
             self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
-        self._write_metrics()
+        self._write_metrics(earlier)
 
     def after_validate(self) -> None:
         self._write_metrics()
