@@ -2,7 +2,7 @@
 
 import pytest
 
-from superclip_pl.ablation import gaps, paired, plot, summarise
+from superclip_pl.ablation import gaps, main, paired, plot, summarise
 from superclip_pl.experiments import RETRIEVAL_R1, ZEROSHOT_TOP1, Run, headline
 
 
@@ -81,3 +81,9 @@ def test_paired_differences_use_only_seeds_both_methods_finished(tmp_path):
     assert paired(summarise(only_one)) == {}
     plot(summarise(only_one), tmp_path / "b.png", samples=1000)
     assert (tmp_path / "a.png").stat().st_size > 0 and (tmp_path / "b.png").stat().st_size > 0
+
+
+def test_eval_every_below_one_is_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit):
+        main(["--eval-every", "0"])
+    assert "--eval-every 0: give a number of samples >= 1" in capsys.readouterr().err

@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
         help="further `superclip fit` arguments for every run (last on the line)",
     )
     args = parser.parse_args(argv)
+    if args.eval_every is not None and args.eval_every < 1:
+        parser.error(f"--eval-every {args.eval_every}: give a number of samples >= 1")
     if not Path("data/shapes/manifest.json").exists():
         raise SystemExit("data/shapes is missing: run `make data` first (`make ablation` does it for you)")
     results_path = args.output_dir / "results.json"
