@@ -44,23 +44,27 @@ def scalars(log_dir: Path, tag: str) -> list[float]:
     return [e.value for e in events.Scalars(tag)]
 
 
+def debug_fit(steps: int, val_every: int, *extra: str) -> list[str]:
+    """`superclip fit` arguments: the debug config for `steps` steps, validating every `val_every`."""
+    return [
+        "fit",
+        "--config",
+        str(CONFIGS / "debug.yaml"),
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.val_check_interval",
+        str(val_every),
+        "--trainer.enable_progress_bar",
+        "false",
+        *extra,
+    ]
+
+
 @pytest.mark.slow
 def test_debug_fit_then_validate_and_test(shapes, monkeypatch):
     monkeypatch.chdir(shapes)
     shutil.rmtree("outputs", ignore_errors=True)
-    fit = main(
-        [
-            "fit",
-            "--config",
-            str(CONFIGS / "debug.yaml"),
-            "--trainer.max_steps",
-            "24",
-            "--trainer.val_check_interval",
-            "24",
-            "--trainer.enable_progress_bar",
-            "false",
-        ]
-    )
+    fit = main(debug_fit(24, 24))
     log_dir = Path(fit.trainer.log_dir)
     assert (log_dir / "config.yaml").exists()  # the resolved config, to rerun exactly
     ckpt = log_dir / "checkpoints" / "last.ckpt"
@@ -99,21 +103,7 @@ def test_fit_evaluates_and_saves_the_final_model_when_the_intervals_stop_short_o
     """Validation (and so checkpoints) every 10 steps of a 24-step run: evaluations at 10 and 20, and
     one more at 24, so metrics.json never holds the numbers of an earlier model; last.ckpt is step 24."""
     monkeypatch.chdir(shapes)
-    fit = main(
-        [
-            "fit",
-            "--config",
-            str(CONFIGS / "debug.yaml"),
-            "--trainer.max_steps",
-            "24",
-            "--trainer.val_check_interval",
-            "10",
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.logger.init_args.save_dir",
-            "outputs/short_interval",
-        ]
-    )
+    fit = main(debug_fit(24, 10, "--trainer.logger.init_args.save_dir", "outputs/short_interval"))
     log_dir = Path(fit.trainer.log_dir)
     events = EventAccumulator(str(log_dir))
     events.Reload()
@@ -136,11 +126,10 @@ def test_ddp_fit_through_the_entry_point_ends_with_the_final_model(shapes, tmp_p
     """`superclip fit` on 2 gloo processes (a subprocess: DDP relaunches the command line): every rank
     takes part in the end-of-fit work (the log-dir broadcast, the extra evaluation, the final save),
     so the run exits 0 with metrics.json and last.ckpt of the last step, each announced once."""
-    args = ["--config", str(CONFIGS / "debug.yaml"), "--trainer.strategy", "ddp", "--trainer.devices", "2"]
-    args += ["--trainer.max_steps", "12", "--trainer.val_check_interval", "5"]
-    args += ["--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    args = debug_fit(12, 5, "--trainer.strategy", "ddp", "--trainer.devices", "2")
+    args += ["--trainer.logger.init_args.save_dir", str(tmp_path)]
     proc = subprocess.run(
-        [sys.executable, "-m", "superclip_pl", "fit", *args],
+        [sys.executable, "-m", "superclip_pl", *args],
         cwd=shapes,
         capture_output=True,
         text=True,
