@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,demo]"
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the package (torch CPU build first, then the rest)
@@ -40,18 +40,18 @@ clean:  ## remove outputs and caches (keeps .venv and data)
 	rm -rf outputs lightning_logs .pytest_cache .ruff_cache
 
 data: $(STAMP)  ## render the demo data set into data/shapes (skipped when already up to date)
-	$(BIN)/python -m superclip_pl.synthetic --output-dir data/shapes
+	$(BIN)/python -m superclip_pl.shapes.dataset --output-dir data/shapes
 
 demo: $(STAMP)  ## train CLIP and SuperCLIP on the shapes data (makes it if missing), compare them
-	$(BIN)/python -m superclip_pl.synthetic --output-dir data/shapes
-	$(BIN)/python -m superclip_pl.demo
+	$(BIN)/python -m superclip_pl.shapes.dataset --output-dir data/shapes
+	$(BIN)/python -m superclip_pl.shapes.demo
 
 # the README's result: batch 16, 3 seeds, 120k samples each, evaluated every 1,250 steps (learning curves in
 # TensorBoard). ARGS replaces all of it, e.g. ARGS="--batch-sizes 8 16 32 64 128" (the grid at 40k samples)
 ABLATION := --batch-sizes 16 32 64 --seeds 0 1 2 --samples 120000 --eval-every 20000
 ablation: $(STAMP)  ## CLIP vs SuperCLIP at batch 16/32/64, 3 seeds, 120k samples (~4 h on 2 cores, batch 16 first); ARGS=... to change
-	$(BIN)/python -m superclip_pl.synthetic --output-dir data/shapes
-	$(BIN)/python -m superclip_pl.ablation $(or $(ARGS),$(ABLATION))
+	$(BIN)/python -m superclip_pl.shapes.dataset --output-dir data/shapes
+	$(BIN)/python -m superclip_pl.shapes.ablation $(or $(ARGS),$(ABLATION))
 
 bench: $(STAMP)  ## benchmarks (about 10 min on 2 cores): table + outputs/bench/results.json
 	$(BIN)/python benchmarks/run.py $(ARGS)

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from superclip_pl.evalsets import load_classification_set
+from superclip_pl.eval.sets import load_classification_set
 from superclip_pl.model import SuperCLIP
 from superclip_pl.module import param_groups, warmup_cosine
-from superclip_pl.scenes import COLOURS, SHAPES, render_scene, sample_scene
+from superclip_pl.shapes.scenes import COLOURS, SHAPES, render_scene, sample_scene
 from superclip_pl.transforms import eval_transform, train_transform
 
 CLASSES = {"shape": SHAPES, "colour": COLOURS, "count": ("one", "two", "three")}

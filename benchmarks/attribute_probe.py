@@ -18,10 +18,11 @@ import json
 import torch
 import torch.nn.functional as F
 
-from superclip_pl.evalsets import load_classification_set
+from superclip_pl.eval.metrics import DEFAULT_TEMPLATES, build_classifier, classification_metrics
+from superclip_pl.eval.sets import load_classification_set
 from superclip_pl.module import LitSuperCLIP
-from superclip_pl.transforms import eval_transform, tokenize
-from superclip_pl.zeroshot import DEFAULT_TEMPLATES, build_classifier, classification_metrics
+from superclip_pl.tokenizer import tokenize
+from superclip_pl.transforms import eval_transform
 
 
 def linear_probe(x: torch.Tensor, y: torch.Tensor, classes: int, fit_fraction: float = 0.7) -> float:

@@ -28,12 +28,12 @@ import numpy as np
 from PIL import Image
 from timing import interleaved
 
-from superclip_pl.data import image_text_stream
-from superclip_pl.loader import StreamLoader
-from superclip_pl.samples import Collate
-from superclip_pl.sources import DataSource
-from superclip_pl.tokenizer import train_bpe_tokenizer
-from superclip_pl.transforms import load_tokenizer
+from superclip_pl.data.datamodule import image_text_stream
+from superclip_pl.data.decode import Collate
+from superclip_pl.data.loader import StreamLoader
+from superclip_pl.data.sources import DataSource
+from superclip_pl.shapes.bpe import train_bpe_tokenizer
+from superclip_pl.tokenizer import load_tokenizer
 
 # what `benchmarks/run.py` reports: per-worker speed of the whole pipeline against plain decoding
 TARGETS = {

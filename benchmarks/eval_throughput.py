@@ -26,10 +26,10 @@ from timing import interleaved
 from torch.utils.data import DataLoader
 from workloads import Batches, word_tokenizer
 
-from superclip_pl.callbacks import ZeroShotClassification
+from superclip_pl.eval.callbacks import ZeroShotClassification
+from superclip_pl.eval.metrics import build_classifier, classification_metrics
 from superclip_pl.module import LitSuperCLIP
-from superclip_pl.transforms import tokenize
-from superclip_pl.zeroshot import build_classifier, classification_metrics
+from superclip_pl.tokenizer import tokenize
 
 TARGETS = {"functions_images_per_s": None, "callback_images_per_s": None}
 

@@ -7,7 +7,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-from superclip_pl.tokenizer import train_bpe_tokenizer  # noqa: E402
+from shards import write_bad_shards, write_shards  # noqa: E402
+from superclip_pl.shapes.bpe import train_bpe_tokenizer  # noqa: E402
 
 COLOURS = ["red", "green", "blue", "yellow"]
 SHAPES = ["circle", "square", "triangle", "star"]
@@ -29,6 +30,20 @@ def tokenizer_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("tokenizer")
     train_bpe_tokenizer(tiny_captions(), out, vocab_size=96)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def good_shards(tmp_path_factory) -> tuple[str, dict[str, int]]:
+    """4 shards x 6 good samples: (glob pattern, {key: index})."""
+    root = tmp_path_factory.mktemp("good")
+    return str(root / "*.tar"), write_shards(root, num_shards=4, per_shard=6)
+
+
+@pytest.fixture(scope="session")
+def bad_shards(tmp_path_factory) -> tuple[str, set[str]]:
+    """4 shards with 14 good samples and BAD_SKIPS bad ones: (glob pattern, good keys)."""
+    root = tmp_path_factory.mktemp("bad")
+    return str(root / "*.tar"), write_bad_shards(root)
 
 
 # a smaller-than-tiny architecture: every test model is built from this (fast on 2 cores)

@@ -11,9 +11,10 @@ import os
 import sys
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from conftest import quiet_trainer
 from superclip_pl.data import DataSource, ImageTextDataModule
 
 
@@ -40,9 +41,9 @@ class Record(Callback):
         dm = trainer.datamodule
         record = {
             "keys": self.keys,
-            "skipped": dict(dm.skipped["train"]),
-            "seen": dm.seen["train"],
-            "totals": dm.train_totals,
+            "skipped": dict(dm.skips.skipped["train"]),
+            "seen": dm.skips.seen["train"],
+            "totals": dm.skips.train_totals,
         }
         with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
             json.dump(record, f)
@@ -61,15 +62,12 @@ def main(data_files: str, tokenizer_dir: str, out_dir: str, max_steps: int, ckpt
         max_image_pixels=4096,
     )
     checkpoints = os.path.join(out_dir, "checkpoints")
-    trainer = Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
+        enable_checkpointing=True,
         devices=2,
         strategy="ddp",
         max_steps=max_steps,
         log_every_n_steps=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[
             Record(out_dir),
             ModelCheckpoint(checkpoints, every_n_train_steps=4, save_top_k=-1),

@@ -10,16 +10,16 @@ Also the home of the small evaluation sets the tests write, in the CLIP_benchmar
 import io
 import json
 import sys
-import tarfile
 from pathlib import Path
 
 import lightning
 import torch
-from lightning.pytorch import Trainer
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from superclip_pl.callbacks import ZeroShotClassification, ZeroShotRetrieval
+from conftest import quiet_trainer
+from shards import write_split
+from superclip_pl.eval.callbacks import ZeroShotClassification, ZeroShotRetrieval
 from superclip_pl.module import LitSuperCLIP
 
 CLASSES = ["red", "green", "blue", "circle", "square", "star", "triangle"]
@@ -35,24 +35,6 @@ def image_png(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def write_shards(
-    root: Path, samples: list[dict[str, bytes]], shard_sizes: list[int], split: str = "test"
-) -> None:
-    """<root>/<split>/{0..n-1}.tar and nshards.txt; sample i is the files s{i}.<ext>."""
-    assert sum(shard_sizes) == len(samples)
-    (root / split).mkdir(parents=True)
-    (root / split / "nshards.txt").write_text(f"{len(shard_sizes)}\n")
-    start = 0
-    for s, size in enumerate(shard_sizes):
-        with tarfile.open(root / split / f"{s}.tar", "w") as tar:
-            for i in range(start, start + size):
-                for ext, data in samples[i].items():
-                    info = tarfile.TarInfo(f"s{i:04d}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        start += size
-
-
 def classification_labels(n: int) -> list[int]:
     return [(3 * i) % len(CLASSES) for i in range(n)]
 
@@ -60,7 +42,7 @@ def classification_labels(n: int) -> list[int]:
 def write_classification_set(root: Path, n: int = 11, shard_sizes=(4, 4, 3), labels=None, classnames=CLASSES):
     """n images with .cls labels; 3 shards, so two ranks split them sample by sample (6 and 5)."""
     labels = classification_labels(n) if labels is None else labels
-    write_shards(
+    write_split(
         root, [{"png": image_png(i), "cls": f"{labels[i]}\n".encode()} for i in range(n)], list(shard_sizes)
     )
     if classnames is not None:
@@ -79,7 +61,7 @@ def write_retrieval_set(root: Path, n: int = 9, shard_sizes=(5, 4)):
     samples = [
         {"png": image_png(100 + i), "txt": "\n".join(retrieval_captions(i)).encode()} for i in range(n)
     ]
-    write_shards(root, samples, list(shard_sizes))
+    write_split(root, samples, list(shard_sizes))
     return root
 
 
@@ -131,16 +113,11 @@ def main(ckpt: str, cls_root: str, ret_root: str, out_dir: str, mode: str) -> No
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-    trainer = Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         devices=1 if mode == "single" else 2,
         strategy=strategy,
         max_steps=1,
         limit_val_batches=0 if mode == "fsdp2" else None,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=callbacks(cls_root, ret_root, every_n_steps=1 if mode == "fsdp2" else None),
     )
     if mode == "fsdp2":

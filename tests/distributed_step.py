@@ -10,13 +10,13 @@ import sys
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 from torch.utils.data import DataLoader, IterableDataset
 
 from superclip_pl.module import LitSuperCLIP
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import MICRO  # noqa: E402
+from conftest import MICRO, quiet_trainer  # noqa: E402
 
 
 def global_batch(tokenizer) -> dict[str, torch.Tensor]:
@@ -67,15 +67,10 @@ def main(tokenizer_dir: str, out_dir: str, mode: str, weight: float) -> None:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-    trainer = Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         devices=1 if mode == "single" else 2,
         strategy=strategy,
         max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[SaveGradients(out_dir)],
     )
     loader = DataLoader(RankSlice(global_batch(module.tokenizer)), batch_size=None)

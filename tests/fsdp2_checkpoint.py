@@ -10,12 +10,11 @@ import sys
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
-from conftest import MICRO
+from conftest import MICRO, quiet_trainer
 from superclip_pl.module import LitSuperCLIP
 
 
@@ -27,15 +26,10 @@ def main(tokenizer_dir: str, ckpt_dir: str) -> None:
         ["a red circle", "a blue square"], padding="max_length", max_length=8, return_tensors="pt"
     )
     batch = {"pixel_values": torch.randn(2, 3, 16, 16), **enc}  # the same on both ranks: fine here
-    trainer = Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         devices=2,
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
         max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(module, DataLoader([batch], batch_size=None))
     trainer.save_checkpoint(ckpt_dir)

@@ -12,9 +12,9 @@ import numpy as np
 from PIL import Image
 
 from superclip_pl.data import DataSource
-from superclip_pl.loader import StreamLoader
-from superclip_pl.samples import Collate
-from superclip_pl.transforms import load_tokenizer
+from superclip_pl.data.decode import Collate
+from superclip_pl.data.loader import StreamLoader
+from superclip_pl.tokenizer import load_tokenizer
 
 IMAGE_SIZE = 16
 
@@ -49,6 +49,28 @@ def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+
+
+def write_split(
+    root: Path,
+    samples: list[dict[str, bytes]],
+    shard_sizes: list[int],
+    split: str = "test",
+    nshards_file=True,
+) -> None:
+    """One split of a CLIP_benchmark-layout set: <root>/<split>/{0..n-1}.tar (and nshards.txt);
+    sample i is the files s{i:05d}.<ext> of ``samples[i]`` ({extension: bytes})."""
+    assert sum(shard_sizes) == len(samples)
+    (root / split).mkdir(parents=True)
+    if nshards_file:
+        (root / split / "nshards.txt").write_text(f"{len(shard_sizes)}\n")
+    start = 0
+    for s, size in enumerate(shard_sizes):
+        members = [
+            (f"s{i:05d}.{ext}", data) for i in range(start, start + size) for ext, data in samples[i].items()
+        ]
+        write_tar(root / split / f"{s}.tar", members)
+        start += size
 
 
 def sample(i: int, image: bytes | None, text: str | None) -> list[tuple[str, bytes]]:

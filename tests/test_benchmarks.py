@@ -99,9 +99,9 @@ def test_gpu_check_skips_cleanly_without_cuda(bench, capsys):
 @pytest.fixture
 def shapes_dir(tmp_path) -> Path:
     """A very small shapes data set (8 training samples, 16 per evaluation set)."""
-    from superclip_pl import synthetic
+    from superclip_pl.shapes import dataset
 
-    synthetic.generate(
+    dataset.generate(
         tmp_path / "shapes",
         train_samples=8,
         eval_samples=16,

@@ -21,8 +21,8 @@ from PIL import Image
 
 import distributed_eval as de
 from conftest import MICRO, quiet_trainer
-from superclip_pl.callbacks import ZeroShotClassification, ZeroShotRetrieval
-from superclip_pl.evalsets import load_classification_set, load_retrieval_set
+from superclip_pl.eval.callbacks import ZeroShotClassification, ZeroShotRetrieval
+from superclip_pl.eval.sets import load_classification_set, load_retrieval_set
 from superclip_pl.module import LitSuperCLIP
 from superclip_pl.transforms import eval_transform
 
@@ -272,11 +272,11 @@ def test_validate_writes_every_metric_to_metrics_json_and_prints_one_table(
             "enable_progress_bar": False,
             "callbacks": [
                 {
-                    "class_path": "superclip_pl.callbacks.ZeroShotClassification",
+                    "class_path": "superclip_pl.eval.callbacks.ZeroShotClassification",
                     "init_args": {"name": "colours", "root": world.cls, "batch_size": 4, "num_workers": 0},
                 },
                 {
-                    "class_path": "superclip_pl.callbacks.ZeroShotRetrieval",
+                    "class_path": "superclip_pl.eval.callbacks.ZeroShotRetrieval",
                     "init_args": {"name": "captions", "root": world.ret, "num_workers": 0},
                 },
             ],

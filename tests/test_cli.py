@@ -11,9 +11,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from superclip_pl import ablation, demo, synthetic
 from superclip_pl.cli import main
-from superclip_pl.experiments import SHAPES_METRICS
+from superclip_pl.shapes import ablation, dataset, demo
+from superclip_pl.shapes.runs import SHAPES_METRICS
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 CONTRACT = [
@@ -26,7 +26,7 @@ CONTRACT = [
 def shapes(tmp_path_factory):
     """A directory holding a small `data/shapes` (what `make data` writes, at a fraction of the size)."""
     root = tmp_path_factory.mktemp("project")
-    synthetic.generate(
+    dataset.generate(
         root / "data" / "shapes",
         train_samples=256,
         eval_samples=24,

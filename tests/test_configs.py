@@ -11,13 +11,16 @@ from superclip_pl import ImageTextDataModule, LitSuperCLIP
 from superclip_pl.cli import main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-RUN_CONFIGS = sorted(CONFIGS.glob("*.yaml"))
+# CLIP baselines are fragments: their SuperCLIP run's config plus the differences
+BASELINES = {"demo_clip.yaml": "demo.yaml", "vit_b16_datacomp_clip.yaml": "vit_b16_datacomp_superclip.yaml"}
+RUN_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if p.name not in BASELINES)
 FRAGMENTS = sorted((CONFIGS / "trainer").glob("*.yaml"))
 
 
 def test_there_are_configs_to_check():
     names = {p.name for p in RUN_CONFIGS}
-    assert {"debug.yaml", "demo.yaml", "demo_clip.yaml", "vit_b16_datacomp_superclip.yaml"} <= names
+    assert {"debug.yaml", "demo.yaml", "vit_b16_datacomp_superclip.yaml"} <= names
+    assert set(BASELINES) <= {p.name for p in CONFIGS.glob("*.yaml")} and set(BASELINES.values()) <= names
     assert {p.name for p in FRAGMENTS} == {"ddp.yaml", "fsdp.yaml", "fsdp2.yaml"}
 
 
@@ -41,17 +44,32 @@ def test_run_config_instantiates(config, tokenizer_dir, tmp_path, monkeypatch):
     assert cli.trainer.max_steps == raw["trainer"]["max_steps"] > 0  # streaming: steps drive training
 
 
-def test_demo_configs_differ_only_in_the_classification_loss():
-    a = yaml.safe_load((CONFIGS / "demo.yaml").read_text())
-    b = yaml.safe_load((CONFIGS / "demo_clip.yaml").read_text())
-    assert (a["model"]["class_loss_weight"], b["model"]["class_loss_weight"]) == (1.0, 0.0)
-    for cfg in (a, b):
-        cfg["model"].pop("class_loss_weight")
-        cfg["trainer"].pop("logger")
-        cfg["trainer"]["callbacks"] = [
-            c for c in cfg["trainer"]["callbacks"] if "HeadPredictions" not in c["class_path"]
-        ]
-    assert a == b
+def flat(config: dict, prefix: str = "") -> dict:
+    """A nested config as {dotted key: value}; lists of class specs (callbacks) flatten by position."""
+    out = {}
+    items = config.items() if isinstance(config, dict) else enumerate(config)
+    for k, v in items:
+        key = f"{prefix}{k}"
+        out |= flat(v, key + ".") if isinstance(v, dict | list) and v else {key: v}
+    return out
+
+
+@pytest.mark.parametrize("baseline", sorted(BASELINES))
+def test_a_clip_baseline_is_its_superclip_run_without_the_classification_loss(
+    baseline, tokenizer_dir, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    run = CONFIGS / BASELINES[baseline]
+    superclip = main(["--config", str(run), *offline(run, tokenizer_dir)], run=False)
+    clip = main(
+        ["--config", str(run), "--config", str(CONFIGS / baseline), *offline(run, tokenizer_dir)], run=False
+    )
+    assert superclip.model.hparams.class_loss_weight == 1.0 and superclip.model.model.head is not None
+    assert clip.model.hparams.class_loss_weight == 0.0 and clip.model.model.head is None
+    a, b = flat(superclip.config.as_dict()), flat(clip.config.as_dict())
+    differ = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+    # `config` lists the files given: one more for the baseline
+    assert differ == {"model.class_loss_weight", "trainer.logger.init_args.name", "config.1"}
 
 
 def test_paper_recipe_values():

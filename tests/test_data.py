@@ -20,29 +20,15 @@ from shards import (
     png,
     sample,
     wds,
-    write_bad_shards,
     write_shards,
     write_tar,
 )
-from superclip_pl.data import DataSource, image_text_stream, per_device_batch_size
-from superclip_pl.samples import caption_candidates, check_skip_fraction
-from superclip_pl.sources import sharding_advice
+from superclip_pl.data import DataSource
+from superclip_pl.data.datamodule import image_text_stream, per_device_batch_size
+from superclip_pl.data.decode import caption_candidates
+from superclip_pl.data.skips import check_skip_fraction
+from superclip_pl.data.sources import sharding_advice
 from superclip_pl.transforms import eval_transform
-
-
-@pytest.fixture(scope="module")
-def good_shards(tmp_path_factory) -> tuple[str, dict[str, int]]:
-    """4 shards x 6 good samples: (glob pattern, {key: index})."""
-    root = tmp_path_factory.mktemp("good")
-    return str(root / "*.tar"), write_shards(root, num_shards=4, per_shard=6)
-
-
-@pytest.fixture(scope="module")
-def bad_shards(tmp_path_factory) -> tuple[str, set[str]]:
-    """4 shards with 14 good samples and BAD_SKIPS bad ones: (glob pattern, good keys)."""
-    root = tmp_path_factory.mktemp("bad")
-    return str(root / "*.tar"), write_bad_shards(root)
-
 
 # ---------------------------------------------------------------- sources decode to the right tensors
 

@@ -11,19 +11,19 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from lightning.pytorch import Trainer
 from PIL import Image
 from safetensors import safe_open
 from torch.utils.data import DataLoader
 from transformers import AutoImageProcessor, AutoProcessor, CLIPModel, CLIPProcessor, pipeline
 
-from conftest import COLOURS, MICRO, SHAPES
+from conftest import COLOURS, MICRO, SHAPES, quiet_trainer
 from superclip_pl.cli import main as cli_main
+from superclip_pl.eval.metrics import build_classifier
 from superclip_pl.export import export_checkpoint, main
 from superclip_pl.model import MAX_LOGIT_SCALE
 from superclip_pl.module import LitSuperCLIP
-from superclip_pl.transforms import CLIP_MEAN, CLIP_STD, eval_transform, tokenize
-from superclip_pl.zeroshot import build_classifier
+from superclip_pl.tokenizer import tokenize
+from superclip_pl.transforms import CLIP_MEAN, CLIP_STD, eval_transform
 
 HERE = os.path.dirname(__file__)
 LABELS = ["red circle", "blue square", "green star", "yellow triangle"]
@@ -38,13 +38,8 @@ def fit_and_save(tokenizer_dir: str, tokenizer, ckpt_path, steps: int = 2) -> Li
         "pixel_values": torch.randn(8, 3, 16, 16),
         **tokenizer(caps, padding="longest", return_tensors="pt"),
     }
-    trainer = Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(module, DataLoader([batch] * steps, batch_size=None))
     trainer.save_checkpoint(ckpt_path)

@@ -7,6 +7,7 @@ from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 from transformers import CLIPConfig, CLIPModel
 
+from conftest import quiet_trainer
 from superclip_pl.export import export_checkpoint
 from superclip_pl.module import LitSuperCLIP
 from test_export import fit_and_save
@@ -39,13 +40,8 @@ def hf_clip_dir(tmp_path_factory, tokenizer):
 
 
 def fit(module: LitSuperCLIP, batch: dict, steps: int = 1) -> Trainer:
-    trainer = Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(module, DataLoader([batch] * steps, batch_size=None))
     return trainer

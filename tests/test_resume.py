@@ -16,26 +16,13 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 
-import superclip_pl.data as data_module
-from shards import IMAGE_SIZE, caption_of, image_of, loader, png, wds, write_bad_shards, write_shards
-from superclip_pl.data import DataSource, ImageTextDataModule, image_text_stream
-from superclip_pl.loader import StreamLoader
-from superclip_pl.samples import Collate
-from superclip_pl.transforms import load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def good_shards(tmp_path_factory) -> tuple[str, dict[str, int]]:
-    """4 shards x 6 good samples: (glob pattern, {key: index})."""
-    root = tmp_path_factory.mktemp("good")
-    return str(root / "*.tar"), write_shards(root, num_shards=4, per_shard=6)
-
-
-@pytest.fixture(scope="module")
-def bad_shards(tmp_path_factory) -> tuple[str, set[str]]:
-    """4 shards with 14 good samples and BAD_SKIPS bad ones: (glob pattern, good keys)."""
-    root = tmp_path_factory.mktemp("bad")
-    return str(root / "*.tar"), write_bad_shards(root)
+from shards import IMAGE_SIZE, caption_of, image_of, loader, png, wds, write_shards
+from superclip_pl.data import DataSource, ImageTextDataModule
+from superclip_pl.data import datamodule as data_module
+from superclip_pl.data.datamodule import image_text_stream
+from superclip_pl.data.decode import Collate
+from superclip_pl.data.loader import StreamLoader
+from superclip_pl.tokenizer import load_tokenizer
 
 
 def take(loader_: StreamLoader, n: int) -> list[dict]:
@@ -256,15 +243,16 @@ def test_fit_stops_and_resumes_exactly_from_a_checkpoint(
     # skip counts: those of exactly the 8 batches trained on (not of the batch pre-fetched after them),
     # restored from the checkpoint, and logged as data/skipped_<reason> at the last step
     plain = loader(full_dm.streams["train"], tokenizer_dir, num_workers=2, batch_size=3)
-    assert full_dm.skipped["train"] == skips_of(take(plain, 8)) == resumed_dm.skipped["train"]
-    assert full_dm.seen["train"] == resumed_dm.seen["train"] == 24 + sum(full_dm.skipped["train"].values())
+    assert full_dm.skips.skipped["train"] == skips_of(take(plain, 8)) == resumed_dm.skips.skipped["train"]
+    skips = full_dm.skips
+    assert skips.seen["train"] == resumed_dm.skips.seen["train"] == 24 + sum(skips.skipped["train"].values())
     step, last = [(s, m) for s, m in metrics if "data/samples_read" in m][-1]
-    assert step == 7 and last["data/samples_read"] == full_dm.seen["train"]
-    assert all(last[f"data/skipped_{r}"] == n for r, n in full_dm.skipped["train"].items())
-    assert full_dm.seen["val"] == 2 * 24  # two validation passes over the good shards
-    lines = full_dm.skip_summary("train")
-    assert lines[0].startswith(f"data.train: {full_dm.seen['train']} samples read")
-    assert len(lines) == 1 + len([n for n in full_dm.skipped["train"].values() if n])
+    assert step == 7 and last["data/samples_read"] == full_dm.skips.seen["train"]
+    assert all(last[f"data/skipped_{r}"] == n for r, n in full_dm.skips.skipped["train"].items())
+    assert full_dm.skips.seen["val"] == 2 * 24  # two validation passes over the good shards
+    lines = full_dm.skips.summary("train")
+    assert lines[0].startswith(f"data.train: {full_dm.skips.seen['train']} samples read")
+    assert len(lines) == 1 + len([n for n in full_dm.skips.skipped["train"].values() if n])
 
 
 @pytest.mark.slow

@@ -1,18 +1,20 @@
-"""The CLIP-style BPE tokenizer trainer: layout of the special tokens, reproducible ids, loading errors."""
+"""Tokenizers: the CLIP-style BPE trainer (special tokens, reproducible ids), loading errors, tokenising."""
 
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import tiny_captions
-from superclip_pl.tokenizer import BOS, EOS, load_tokenizer, train_bpe_tokenizer
+from superclip_pl.shapes.bpe import BOS, EOS, train_bpe_tokenizer
+from superclip_pl.tokenizer import load_tokenizer, tokenize
 
 TRAIN_AND_PRINT = """
 import sys; sys.path.insert(0, {tests!r})
 from conftest import tiny_captions
-from superclip_pl.tokenizer import train_bpe_tokenizer
+from superclip_pl.shapes.bpe import train_bpe_tokenizer
 tok = train_bpe_tokenizer(tiny_captions(), None, vocab_size=96)
 print(sorted(tok.get_vocab().items(), key=lambda kv: kv[1]))
 """
@@ -49,3 +51,23 @@ def test_missing_tokenizer_fails_with_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"cannot load tokenizer '.*nowhere'.*does not exist") as err:
         load_tokenizer(str(tmp_path / "nowhere"))
     assert "\n" not in str(err.value)
+
+
+def test_tokenize_pads_to_longest_and_keeps_eos_when_truncating(tokenizer_dir):
+    tokenizer = load_tokenizer(tokenizer_dir)
+    eos = tokenizer.eos_token_id
+    long = "a photo of a small red circle and a big green square " * 10
+    out = tokenize(tokenizer, ["a red circle", long], max_length=12)
+    ids, mask = out["input_ids"], out["attention_mask"]
+    assert ids.shape == mask.shape == (2, 12) and ids.dtype == mask.dtype == torch.long
+    assert ids[1, -1] == eos and mask[1].all()  # truncated, EOS kept as the last token
+    assert ids[0, 0] == tokenizer.bos_token_id
+    n = int(mask[0].sum())
+    assert ids[0, n - 1] == eos and (ids[0, n:] == tokenizer.pad_token_id).all() and not mask[0, n:].any()
+
+    short = tokenize(tokenizer, ["a red circle", "a star"])
+    assert short["input_ids"].shape[1] == short["attention_mask"].sum(1).max()  # longest, not 77
+    # the first EOS (where CLIP pools) sits at the same place as with padding to 77
+    padded = tokenizer(["a red circle", "a star"], padding="max_length", max_length=77)["input_ids"]
+    first_eos = [row.index(eos) for row in padded]
+    assert first_eos == [row.tolist().index(eos) for row in short["input_ids"]]

@@ -12,9 +12,7 @@ from superclip_pl.transforms import (
     CLIP_MEAN,
     CLIP_STD,
     eval_transform,
-    load_tokenizer,
     to_rgb,
-    tokenize,
     train_transform,
 )
 
@@ -111,26 +109,6 @@ def test_to_rgb_values():
     assert wide.mode == "I" and to_rgb(wide).getpixel((0, 0)) == (255, 255, 255)
     unit = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32))
     assert unit.mode == "F" and [to_rgb(unit).getpixel((x, 0))[0] for x in range(3)] == [0, 128, 255]
-
-
-def test_tokenize_pads_to_longest_and_keeps_eos_when_truncating(tokenizer_dir):
-    tokenizer = load_tokenizer(tokenizer_dir)
-    eos = tokenizer.eos_token_id
-    long = "a photo of a small red circle and a big green square " * 10
-    out = tokenize(tokenizer, ["a red circle", long], max_length=12)
-    ids, mask = out["input_ids"], out["attention_mask"]
-    assert ids.shape == mask.shape == (2, 12) and ids.dtype == mask.dtype == torch.long
-    assert ids[1, -1] == eos and mask[1].all()  # truncated, EOS kept as the last token
-    assert ids[0, 0] == tokenizer.bos_token_id
-    n = int(mask[0].sum())
-    assert ids[0, n - 1] == eos and (ids[0, n:] == tokenizer.pad_token_id).all() and not mask[0, n:].any()
-
-    short = tokenize(tokenizer, ["a red circle", "a star"])
-    assert short["input_ids"].shape[1] == short["attention_mask"].sum(1).max()  # longest, not 77
-    # the first EOS (where CLIP pools) sits at the same place as with padding to 77
-    padded = tokenizer(["a red circle", "a star"], padding="max_length", max_length=77)["input_ids"]
-    first_eos = [row.index(eos) for row in padded]
-    assert first_eos == [row.tolist().index(eos) for row in short["input_ids"]]
 
 
 def test_clip_statistics_are_openai_values():

@@ -1,8 +1,7 @@
 """superclip-pl: SuperCLIP (CLIP + a vocabulary classifier on the image tower) with PyTorch Lightning."""
 
-from superclip_pl.callbacks import ZeroShotClassification, ZeroShotRetrieval
 from superclip_pl.data import ImageTextDataModule
-from superclip_pl.inspection import HeadPredictions
+from superclip_pl.eval import HeadPredictions, ZeroShotClassification, ZeroShotRetrieval
 from superclip_pl.model import SuperCLIP
 from superclip_pl.module import LitSuperCLIP
 

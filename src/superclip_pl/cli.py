@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
+from superclip_pl.eval.callbacks import SetEvaluation
 from superclip_pl.module import LitSuperCLIP
 
 
@@ -41,8 +42,8 @@ class SuperCLIPCLI(LightningCLI):
         trainer = self.trainer
         if trainer.interrupted:
             return None
-        steps = [getattr(self.model, "validated_at", None)]
-        steps += [getattr(c, "evaluated_at", None) for c in trainer.callbacks]  # the evaluation callbacks
+        steps = [self.model.validated_at]
+        steps += [c.evaluated_at for c in trainer.callbacks if isinstance(c, SetEvaluation)]
         ran = [s for s in steps if s is not None]
         return min(ran) if ran and min(ran) != trainer.global_step else None
 
@@ -51,7 +52,7 @@ class SuperCLIPCLI(LightningCLI):
         steps, after validations), which is older than the final model when the schedule does not
         divide ``max_steps``; then the final model replaces it."""
         trainer = self.trainer
-        if trainer.interrupted or getattr(self.model, "saved_at", None) == trainer.global_step:
+        if trainer.interrupted or self.model.saved_at == trainer.global_step:
             return
         for callback in trainer.checkpoint_callbacks:
             path = getattr(callback, "last_model_path", "")

@@ -109,6 +109,10 @@ class LitSuperCLIP(LightningModule):
         self.ignore_ids = sorted(set(self.tokenizer.all_special_ids))
         self.doc_freq = DocumentFrequency(self.model.vocab_size) if self.model.head is not None else None
         self.register_buffer("samples_seen", torch.zeros((), dtype=torch.long))
+        # optimizer steps of the last validation and the last checkpoint: the CLI makes sure that
+        # a fit ends with an evaluation and a checkpoint of its final model
+        self.validated_at: int | None = None
+        self.saved_at: int | None = None
 
     # -- the step ---------------------------------------------------------------------------------
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,8 +121,8 @@ class LitSuperCLIP(LightningModule):
             return x
         return self.all_gather(x, sync_grads=True).flatten(0, 1)
 
-    def compute_losses(self, batch: dict[str, torch.Tensor], train: bool) -> dict[str, torch.Tensor]:
-        """Named loss terms of one batch; in training also counts the captions for the IDF weights."""
+    def compute_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Named loss terms of one batch, with the IDF weights as they stand."""
         out = self.model(batch["pixel_values"], batch["input_ids"], batch.get("attention_mask"))
         image, text = out["image_embeds"], out["text_embeds"]
         offset = self.trainer.global_rank * image.shape[0]
@@ -130,8 +134,6 @@ class LitSuperCLIP(LightningModule):
             )
         terms = {"contrastive_loss": con, "loss": con}
         if self.doc_freq is not None:
-            if train:  # weights over the run so far, the current global batch included
-                self.doc_freq.update(batch["input_ids"], self.ignore_ids)
             cls = classification_loss(
                 out["vocab_logits"], batch["input_ids"], self.doc_freq.idf(), self.ignore_ids
             )
@@ -155,7 +157,9 @@ class LitSuperCLIP(LightningModule):
             self._flops_shape = shape
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        terms = self.compute_losses(batch, train=True)
+        if self.doc_freq is not None:  # weights over the run so far, the current global batch included
+            self.doc_freq.update(batch["input_ids"], self.ignore_ids)
+        terms = self.compute_losses(batch)
         batch_size = batch["input_ids"].shape[0]
         self.samples_seen += batch_size * self.trainer.world_size
         for name, value in terms.items():
@@ -175,7 +179,7 @@ class LitSuperCLIP(LightningModule):
         # evaluation callbacks at its end) still runs
         if not batch:
             return
-        terms = self.compute_losses(batch, train=False)
+        terms = self.compute_losses(batch)
         size = batch["input_ids"].shape[0]
         for name in ("loss", "contrastive_loss", "class_loss"):
             if name in terms:
@@ -186,10 +190,10 @@ class LitSuperCLIP(LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
-            self.validated_at = self.global_step  # the CLI checks that fit ends with an evaluation
+            self.validated_at = self.global_step
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        self.saved_at = self.global_step  # ... and with a checkpoint
+        self.saved_at = self.global_step
 
     def test_step(self, batch: dict[str, torch.Tensor] | None, batch_idx: int) -> None:
         self._evaluation_step(batch, "test")

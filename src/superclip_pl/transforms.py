@@ -1,4 +1,4 @@
-"""Image preprocessing and caption tokenisation, with PIL, NumPy and torch only (no torchvision).
+"""Image preprocessing with PIL, NumPy and torch only (no torchvision).
 
 `eval_transform` reproduces `transformers.CLIPImageProcessorPil` exactly (same PIL resize call, same
 crop offsets, same float rounding), so a model trained here sees at test time what the exported HF
@@ -14,18 +14,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image
-
-from superclip_pl.tokenizer import load_tokenizer
-
-__all__ = [
-    "CLIP_MEAN",
-    "CLIP_STD",
-    "eval_transform",
-    "load_tokenizer",  # lives with the tokenizer trainer; exported here next to `tokenize`
-    "to_rgb",
-    "tokenize",
-    "train_transform",
-]
 
 # OpenAI CLIP's per-channel statistics (RGB), as in transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -168,22 +156,3 @@ def eval_transform(
 ) -> EvalTransform:
     """Evaluation preprocessing, equal to CLIPImageProcessorPil(shortest_edge=crop=image_size)."""
     return EvalTransform(image_size, mean=mean, std=std)
-
-
-def tokenize(tokenizer, texts: list[str], max_length: int = 77) -> dict[str, torch.Tensor]:
-    """Tokenise captions: `input_ids` and `attention_mask`, (B, T) long, T = longest in the batch.
-
-    Padding to the longest caption instead of to `max_length` changes nothing for CLIP's text tower
-    (causal attention, pooled at the first end-of-text token) and saves compute on short captions.
-    A caption longer than `max_length` is cut so that the end-of-text token stays its last token.
-    """
-    out = tokenizer(
-        list(texts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
-    )
-    input_ids, attention_mask = out["input_ids"].long(), out["attention_mask"].long()
-    eos = tokenizer.eos_token_id
-    if eos is not None and input_ids.shape[1] == max_length:
-        # tokenizers whose post-processor does not re-add EOS after truncation: put it back
-        full = attention_mask[:, -1].bool() & (input_ids[:, -1] != eos)
-        input_ids[full, -1] = eos
-    return {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -4,7 +4,7 @@ Everything about a sample follows from ``(seed, split, index)``, so chunks rende
 give identical bytes. ``generate`` writes webdataset training shards, CLIP_benchmark-layout evaluation
 sets, a BPE tokenizer fitted to the captions and a manifest:
 
-    python -m superclip_pl.synthetic --output-dir data/shapes
+    python -m superclip_pl.shapes.dataset --output-dir data/shapes
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import random
 import tarfile
 from pathlib import Path
 
-from superclip_pl.scenes import (
+from superclip_pl.shapes.scenes import (
     BACKGROUNDS,
     COLOURS,
     N_TEMPLATES,
@@ -132,7 +132,7 @@ def generate(
     """
     from tqdm.auto import tqdm
 
-    from superclip_pl.tokenizer import train_bpe_tokenizer
+    from superclip_pl.shapes.bpe import train_bpe_tokenizer
 
     out = Path(output_dir)
     params = dict(

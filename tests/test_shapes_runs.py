@@ -2,13 +2,13 @@
 
 import pytest
 
-from superclip_pl.ablation import gaps, main, paired, plot, summarise
-from superclip_pl.experiments import RETRIEVAL_R1, ZEROSHOT_TOP1, Run, headline
+from superclip_pl.shapes.ablation import gaps, main, paired, plot, summarise
+from superclip_pl.shapes.runs import RETRIEVAL_R1, ZEROSHOT_TOP1, Run, headline
 
 
 def test_runs_see_the_same_samples_at_every_batch_size(tmp_path):
-    small = Run("clip", "c.yaml", tmp_path, "v", batch_size=8, samples=10000, seed=2)
-    large = Run("clip", "c.yaml", tmp_path, "v", batch_size=128, samples=10000, seed=2)
+    small = Run("clip", ["c.yaml"], tmp_path, "v", batch_size=8, samples=10000, seed=2)
+    large = Run("clip", ["c.yaml"], tmp_path, "v", batch_size=128, samples=10000, seed=2)
     assert (small.steps, large.steps) == (1250, 79)  # ceil: never fewer samples than asked
     args = dict(zip(small.args(progress=False)[1::2], small.args(progress=False)[2::2], strict=False))
     assert args["--trainer.max_steps"] == args["--trainer.val_check_interval"] == "1250"
@@ -19,7 +19,7 @@ def test_runs_see_the_same_samples_at_every_batch_size(tmp_path):
 
 def test_evaluations_at_equal_samples_seen_across_batch_sizes(tmp_path):
     def interval(batch_size: int, every: int | None) -> str:
-        run = Run("clip", "c.yaml", tmp_path, "v", batch_size=batch_size, samples=120000, eval_every=every)
+        run = Run("clip", ["c.yaml"], tmp_path, "v", batch_size=batch_size, samples=120000, eval_every=every)
         args = run.args(progress=False)
         return args[args.index("--trainer.val_check_interval") + 1]
 

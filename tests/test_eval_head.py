@@ -2,7 +2,7 @@
 
 import torch
 
-from superclip_pl.inspection import head_report
+from superclip_pl.eval.head import head_report
 
 
 def test_head_report_lists_top_tokens_with_idf_and_marks_caption_tokens(tokenizer):

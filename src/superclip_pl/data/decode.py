@@ -1,8 +1,7 @@
 """One raw example -> a decoded training sample, or the reason it is skipped; batches of samples.
 
-Bad samples never crash a run and never vanish silently: each is counted under one of `REASONS`,
-the counts ride along with the batches (so they add up exactly over DataLoader workers), and the
-data module logs them and stops the run when too many samples are bad.
+Bad samples never crash a run and never vanish silently: each is returned as one of the reasons of
+`skips.REASONS`, and its count rides along with the next batch (`skips.py` adds them up).
 """
 
 from __future__ import annotations
@@ -19,16 +18,10 @@ import fsspec
 import torch
 from PIL import Image
 
-from superclip_pl.sources import Columns
-from superclip_pl.transforms import tokenize
+from superclip_pl.data.skips import REASONS
+from superclip_pl.data.sources import Columns
+from superclip_pl.tokenizer import tokenize
 
-REASONS = (
-    "missing_image",  # no image in the example, or its file cannot be read
-    "corrupt_image",  # the bytes do not decode as an image (truncated, garbage, wrong column)
-    "too_large",  # more than max_image_pixels, seen from the header before decoding
-    "empty_caption",  # caption missing, empty or whitespace only, or no caption inside its JSON
-    "truncated_shard",  # a shard (or run of them) that stops being readable; the rest is skipped
-)
 # the caption fields looked up inside a JSON / dict caption
 CAPTION_FIELDS = ("caption", "captions", "text", "txt")
 
@@ -178,14 +171,3 @@ class Collate:
             "keys": [s["key"] for s in samples],
             "skipped": {reason: skipped[reason] for reason in REASONS if skipped[reason]},
         }
-
-
-def check_skip_fraction(seen: int, skipped: Mapping[str, int], max_fraction: float, min_seen: int) -> None:
-    """Raise when more than `max_fraction` of the `seen` samples were skipped (once `min_seen` are seen)."""
-    total = sum(skipped.values())
-    if seen >= min_seen and total > max_fraction * seen:
-        details = ", ".join(f"{r}={n}" for r, n in skipped.items() if n)
-        raise RuntimeError(
-            f"data: {total} of {seen} samples skipped ({total / seen:.1%}), more than "
-            f"max_skip_fraction={max_fraction} ({details}); fix the data or raise data.max_skip_fraction"
-        )

@@ -18,9 +18,10 @@ from lightning.pytorch.strategies import Strategy
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from superclip_pl.evalsets import ClassificationSample
-from superclip_pl.transforms import eval_transform, tokenize
-from superclip_pl.zeroshot import pad_rows
+from superclip_pl.eval.metrics import pad_rows
+from superclip_pl.eval.sets import ClassificationSample
+from superclip_pl.tokenizer import tokenize
+from superclip_pl.transforms import eval_transform
 
 T = TypeVar("T")
 

@@ -1,6 +1,6 @@
 """``make ablation``: CLIP vs SuperCLIP across batch sizes at equal samples seen, several seeds.
 
-    python -m superclip_pl.ablation [--batch-sizes 8 16 32 64 128] [--seeds 0 1 2] [--samples 40000]
+    python -m superclip_pl.shapes.ablation [--batch-sizes 8 16 32 64 128] [--seeds 0 1 2] [--samples 40000]
                                     [--methods clip superclip] [--eval-every SAMPLES] [--jobs 2]
                                     [--output-dir outputs/ablation]
                                     [--extra ARGS FOR superclip fit ...]
@@ -25,8 +25,8 @@ import json
 import statistics
 from pathlib import Path
 
-from superclip_pl.demo import METHODS
-from superclip_pl.experiments import Run, headline, run_all
+from superclip_pl.shapes.demo import METHODS
+from superclip_pl.shapes.runs import Run, headline, pyplot, run_all
 
 HEADLINES = {
     "zeroshot_mean_top1": "zero-shot top-1 (mean of shape, colour, count)",
@@ -99,11 +99,7 @@ def _batch_axis(ax, sizes: list[str]) -> None:
 
 
 def plot(summary: dict, path: Path, samples: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     every_size = sorted({b for runs in summary.values() for b in runs}, key=int)
     for ax, (key, label) in zip(axes, HEADLINES.items(), strict=False):
@@ -156,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="further `superclip fit` arguments for every run (last on the line)",
     )
     args = parser.parse_args(argv)
+    pyplot()  # fail now, not after the training, when the plots cannot be drawn
     if args.eval_every is not None and args.eval_every < 1:
         parser.error(f"--eval-every {args.eval_every}: give a number of samples >= 1")
     if not Path("data/shapes/manifest.json").exists():
@@ -170,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     runs = [
         Run(
             m,
-            str(args.configs_dir / METHODS[m]),
+            [str(args.configs_dir / f) for f in METHODS[m]],
             args.output_dir,
             f"bs{bs}-seed{s}",
             bs,

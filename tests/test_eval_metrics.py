@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from superclip_pl.zeroshot import (
+from superclip_pl.eval.metrics import (
     DEFAULT_TEMPLATES,
     build_classifier,
     classification_metrics,

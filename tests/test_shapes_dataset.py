@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from superclip_pl import scenes, synthetic
-from superclip_pl.scenes import COLOURS, N_TEMPLATES, SHAPES, SIZE_WORDS
-from superclip_pl.synthetic import EVAL_SETS
+from superclip_pl.shapes import dataset, scenes
+from superclip_pl.shapes.dataset import EVAL_SETS
+from superclip_pl.shapes.scenes import COLOURS, N_TEMPLATES, SHAPES, SIZE_WORDS
 
 SMALL = ["--train-samples", "40", "--eval-samples", "20", "--retrieval-samples", "12", "--shard-size", "16"]
 
@@ -36,14 +36,14 @@ def _tree(root: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shapes")
-    synthetic.main(["--output-dir", str(out), *SMALL, "--num-workers", "1"])  # through the CLI
+    dataset.main(["--output-dir", str(out), *SMALL, "--num-workers", "1"])  # through the CLI
     return out
 
 
 def test_same_seed_gives_identical_bytes_whatever_the_workers(data, tmp_path):
     from transformers import AutoTokenizer
 
-    synthetic.generate(tmp_path / "b", 40, 20, 12, shard_size=16, num_workers=2, progress=False)
+    dataset.generate(tmp_path / "b", 40, 20, 12, shard_size=16, num_workers=2, progress=False)
     a, b = _tree(data), _tree(tmp_path / "b")
     data_files = [f for f in a if not f.startswith("tokenizer/")]
     assert sum(f.endswith(".tar") for f in data_files) == 3 + 3 * 2 + 1  # train, 3 classification, retrieval
@@ -56,7 +56,7 @@ def test_same_seed_gives_identical_bytes_whatever_the_workers(data, tmp_path):
 
 
 def test_another_seed_gives_other_images_and_captions(data, tmp_path):
-    synthetic.generate(tmp_path / "c", 40, 20, 12, seed=1, shard_size=16, num_workers=1, progress=False)
+    dataset.generate(tmp_path / "c", 40, 20, 12, seed=1, shard_size=16, num_workers=1, progress=False)
     a, b = _members(data / "train/shard-00000.tar"), _members(tmp_path / "c/train/shard-00000.tar")
     assert a.keys() == b.keys()
     assert sum(a[k]["png"] != b[k]["png"] for k in a) == len(a)
@@ -140,7 +140,7 @@ def test_retrieval_set_holds_several_captions_per_image(data):
     assert len(samples) == 12
     for s in samples:
         caps = s["txt"].decode().splitlines()
-        assert len(caps) == synthetic.RETRIEVAL_CAPTIONS == len(set(caps))
+        assert len(caps) == dataset.RETRIEVAL_CAPTIONS == len(set(caps))
 
 
 def test_train_shards_stream_through_hf_datasets(data):
@@ -165,12 +165,12 @@ def test_tokenizer_loads_and_keeps_eval_words_whole(data):
 
 def test_manifest_skips_a_matching_rerun_and_redoes_a_changed_one(tmp_path):
     out = tmp_path / "d"
-    first = synthetic.generate(out, 20, 8, 8, shard_size=8, num_workers=1, progress=False)
+    first = dataset.generate(out, 20, 8, 8, shard_size=8, num_workers=1, progress=False)
     assert first["counts"] == {"train": 20, "shape": 8, "colour": 8, "count": 8, "retrieval": 8}
     assert json.loads((out / "manifest.json").read_text()) == first
     stamp = (out / "train/shard-00000.tar").stat().st_mtime_ns
-    synthetic.generate(out, 20, 8, 8, shard_size=8, num_workers=1, progress=False)
+    dataset.generate(out, 20, 8, 8, shard_size=8, num_workers=1, progress=False)
     assert (out / "train/shard-00000.tar").stat().st_mtime_ns == stamp
-    synthetic.generate(out, 10, 8, 8, shard_size=8, num_workers=1, progress=False)
+    dataset.generate(out, 10, 8, 8, shard_size=8, num_workers=1, progress=False)
     assert len(list((out / "train").glob("*.tar"))) == 2  # the third, stale shard is gone
     assert json.loads((out / "manifest.json").read_text())["params"]["train_samples"] == 10

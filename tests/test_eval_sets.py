@@ -1,7 +1,6 @@
 """Evaluation-set readers on tiny sets written here in the CLIP_benchmark layout, and HF ClassLabel sets."""
 
 import io
-import tarfile
 from pathlib import Path
 
 import datasets
@@ -9,8 +8,10 @@ import pytest
 from huggingface_hub.errors import EntryNotFoundError
 from PIL import Image
 
-from superclip_pl import benchmark_layout
-from superclip_pl.evalsets import load_classification_set, load_hf_classification_set, load_retrieval_set
+from shards import write_split
+from superclip_pl.eval import sets
+from superclip_pl.eval.hfsets import load_hf_classification_set
+from superclip_pl.eval.sets import load_classification_set, load_retrieval_set
 
 CLASSES = ["cat", "dog", "eel"]
 EXTENSIONS = [("webp", "WEBP"), ("png", "PNG"), ("jpg", "JPEG")]
@@ -33,23 +34,11 @@ def write_set(
     nshards_file=True,
 ) -> Path:
     """CLIP_benchmark layout: <root>/classnames.txt, templates, <split>/{0..n-1}.tar, <split>/nshards.txt."""
-    assert sum(shard_sizes) == len(samples)
-    (root / split).mkdir(parents=True)
+    write_split(root, samples, shard_sizes, split, nshards_file)
     if classnames is not None:
         (root / "classnames.txt").write_text("\n".join(classnames) + "\n")
     if templates is not None:
         (root / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
-    if nshards_file:
-        (root / split / "nshards.txt").write_text(f"{len(shard_sizes)}\n")
-    start = 0
-    for s, size in enumerate(shard_sizes):
-        with tarfile.open(root / split / f"{s}.tar", "w") as tar:
-            for i in range(start, start + size):
-                for ext, data in samples[i].items():
-                    info = tarfile.TarInfo(f"s{i:05d}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        start += size
     return root
 
 
@@ -144,7 +133,7 @@ def fake_hub(tmp_path, monkeypatch):
         downloaded.append(filename)
         return str(path)
 
-    monkeypatch.setattr(benchmark_layout, "hf_hub_download", download)
+    monkeypatch.setattr(sets, "hf_hub_download", download)
     return repos, downloaded
 
 

@@ -1,6 +1,6 @@
 """``make demo``: CLIP and SuperCLIP trained alike on the shapes data, evaluated, compared side by side.
 
-    python -m superclip_pl.demo [--samples 20000] [--batch-size 16] [--seed 0] [--jobs 2]
+    python -m superclip_pl.shapes.demo [--samples 20000] [--batch-size 16] [--seed 0] [--jobs 2]
 
 Both runs see the same data in the same order from the same initial towers; only the classification
 loss differs. Writes ``<out>/summary.json`` and ``<out>/comparison.png``; TensorBoard logs stay in
@@ -14,9 +14,10 @@ import json
 import time
 from pathlib import Path
 
-from superclip_pl.experiments import SHAPES_METRICS, Run, headline, run_all
+from superclip_pl.shapes.runs import SHAPES_METRICS, Run, headline, pyplot, run_all
 
-METHODS = {"clip": "demo_clip.yaml", "superclip": "demo.yaml"}
+# the config files of each method's run: the CLIP baseline is the SuperCLIP run plus its differences
+METHODS = {"clip": ("demo.yaml", "demo_clip.yaml"), "superclip": ("demo.yaml",)}
 
 
 def comparison_table(clip: dict[str, float], superclip: dict[str, float]) -> list[dict]:
@@ -38,11 +39,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot_comparison(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = [r for r in rows if r["metric"].endswith(("top1", "_R@1"))]
     names = [r["metric"].replace("zeroshot/", "zs ").replace("retrieval/", "") for r in rows]
     x = range(len(rows))
@@ -78,9 +75,10 @@ def main(argv: list[str] | None = None) -> dict:
         help="further `superclip fit` arguments for both runs (last on the line)",
     )
     args = parser.parse_args(argv)
-    configs = {name: args.configs_dir / file for name, file in METHODS.items()}
-    for config in configs.values():
-        if not config.exists():
+    pyplot()  # fail now, not after the training, when the plots cannot be drawn
+    configs = {name: [str(args.configs_dir / f) for f in files] for name, files in METHODS.items()}
+    for config in {c for files in configs.values() for c in files}:
+        if not Path(config).exists():
             raise SystemExit(f"{config} not found: run the demo from the repository root")
     if not Path("data/shapes/manifest.json").exists():
         raise SystemExit("data/shapes is missing: run `make data` first (`make demo` does it for you)")
@@ -107,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
             "samples": args.samples,
             "batch_size": args.batch_size,
             "seed": args.seed,
-            "configs": {k: str(v) for k, v in configs.items()},
+            "configs": configs,
             "seconds": round(time.time() - start, 1),
         },
         "clip": clip,

@@ -8,23 +8,22 @@ summarised at the end, and the run stops when more than `max_skip_fraction` of s
 
 from __future__ import annotations
 
-from collections import Counter
-
 import lightning as L
 import torch
 from datasets.distributed import split_dataset_by_node
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from superclip_pl.loader import StreamLoader
-from superclip_pl.samples import REASONS, Collate, SampleDecoder, check_skip_fraction
-from superclip_pl.sources import DataSource, open_source, resolve_columns, sharding_advice
-from superclip_pl.stream import ImageTextStream
-from superclip_pl.transforms import eval_transform, load_tokenizer, train_transform
+from superclip_pl.data.decode import Collate, SampleDecoder
+from superclip_pl.data.loader import StreamLoader
+from superclip_pl.data.skips import ROLES, SkipCounts, check_skip_fraction
+from superclip_pl.data.sources import DataSource, open_source, resolve_columns, sharding_advice
+from superclip_pl.data.stream import ImageTextStream
+from superclip_pl.tokenizer import load_tokenizer
+from superclip_pl.transforms import eval_transform, train_transform
 
 # the skipped fraction is only judged after this many training samples (all ranks together)
 MIN_SAMPLES_FOR_SKIP_CHECK = 1000
-ROLES = ("train", "val", "test")
 
 
 def _empty_step() -> DataLoader:
@@ -140,9 +139,7 @@ class ImageTextDataModule(L.LightningDataModule):
         self.tokenizer = None  # loaded in setup()
         self.batch_size_per_device = batch_size
         self.streams: dict[str, ImageTextStream] = {}
-        self.seen: Counter[str] = Counter()  # samples read (usable + skipped) per role, this rank
-        self.skipped: dict[str, Counter[str]] = {role: Counter() for role in ROLES}
-        self.train_totals: tuple[int, dict[str, int]] | None = None  # all ranks, at the last sync
+        self.skips = SkipCounts()
         self._train_loader: StreamLoader | None = None
         self._resume: list[dict] | None = None
 
@@ -219,8 +216,7 @@ class ImageTextDataModule(L.LightningDataModule):
         role = "train" if trainer is not None and trainer.training else "val"
         if trainer is not None and trainer.testing:
             role = "test"
-        self.seen[role] += len(batch["keys"]) + sum(skipped.values())
-        self.skipped[role].update(skipped)
+        self.skips.add(role, len(batch["keys"]), skipped)
         if role == "train":
             if self._train_loader is not None:
                 self._train_loader.mark_consumed()  # this batch is about to be trained on
@@ -234,40 +230,22 @@ class ImageTextDataModule(L.LightningDataModule):
 
         Called by every rank on the same training batches, so the collective and the error agree.
         """
-        strategy = self.trainer.strategy
-        local = [self.seen["train"], *(self.skipped["train"][r] for r in REASONS)]
-        total = strategy.reduce(torch.tensor(local, device=strategy.root_device), reduce_op="sum").tolist()
-        seen, counts = int(total[0]), dict(zip(REASONS, map(int, total[1:]), strict=True))
-        self.train_totals = (seen, counts)
-        metrics = {
-            "data/samples_read": float(seen),
-            **{f"data/skipped_{r}": float(n) for r, n in counts.items()},
-        }
+        metrics = self.skips.sync(self.trainer.strategy)
         for logger in self.trainer.loggers:
             logger.log_metrics(metrics, step=self.trainer.global_step)
+        seen, counts = self.skips.train_totals
         check_skip_fraction(seen, counts, self.max_skip_fraction, MIN_SAMPLES_FOR_SKIP_CHECK)
-
-    def skip_summary(self, role: str) -> list[str]:
-        """One line with the totals, then one line per skip reason."""
-        seen, counts = self.seen[role], self.skipped[role]
-        where = "this rank"
-        if role == "train" and self.train_totals is not None and self._rank_world()[1] > 1:
-            (seen, counts), where = self.train_totals, "all ranks, at the last logged step"
-        total = sum(counts.values())
-        lines = [f"data.{role}: {seen} samples read, {total} skipped ({total / max(seen, 1):.2%}; {where})"]
-        return lines + [f"data.{role}: skipped {n} {reason}" for reason, n in counts.items() if n]
 
     def teardown(self, stage: str) -> None:
         for role in ROLES:
-            if self.seen[role]:
-                rank_zero_info("\n".join(self.skip_summary(role)))
+            if self.skips.seen[role]:
+                rank_zero_info("\n".join(self.skips.summary(role, self._rank_world()[1])))
 
     def state_dict(self) -> dict:
         """Every rank's training stream position and counts (gathered: rank 0 writes the checkpoint)."""
         if self._train_loader is None:
             return {}
-        mine = {"loader": self._train_loader.state_dict(), "seen": self.seen["train"]}
-        mine["skipped"] = dict(self.skipped["train"])
+        mine = {"loader": self._train_loader.state_dict(), **self.skips.train_state()}
         return {"ranks": _gather(mine, self._rank_world()[1])}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -288,4 +266,4 @@ class ImageTextDataModule(L.LightningDataModule):
             return
         mine = saved[rank]
         self._train_loader.load_state_dict(mine["loader"])
-        self.seen["train"], self.skipped["train"] = mine["seen"], Counter(mine["skipped"])
+        self.skips.load_train_state(mine)

@@ -14,7 +14,6 @@ loggers and checkpoint monitors. The last of these callbacks prints one table of
 
 from __future__ import annotations
 
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -24,7 +23,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 
-from superclip_pl.evalloop import (
+from superclip_pl.eval.hfsets import load_hf_classification_set
+from superclip_pl.eval.loop import (
     Batch,
     encode_images,
     encode_texts,
@@ -32,19 +32,16 @@ from superclip_pl.evalloop import (
     inference,
     shard_batches,
 )
-from superclip_pl.evalsets import load_classification_set, load_hf_classification_set, load_retrieval_set
-from superclip_pl.zeroshot import (
+from superclip_pl.eval.metrics import (
     DEFAULT_TEMPLATES,
     build_classifier,
     gathered_classification_metrics,
     gathered_retrieval_metrics,
 )
-
-# The values are already the whole set's on every rank; Lightning would advise sync_dist=True for them.
-warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(zeroshot|retrieval)/")
+from superclip_pl.eval.sets import load_classification_set, load_retrieval_set
 
 
-class _SetEvaluation(Callback, ABC):
+class SetEvaluation(Callback, ABC):
     """Scheduling, logging and printing shared by the evaluation callbacks."""
 
     prefix: str  # metric namespace: zeroshot or retrieval
@@ -126,8 +123,11 @@ class _SetEvaluation(Callback, ABC):
         self.evaluated_at = trainer.global_step
         self._fresh = True
         for key, value in self.results.items():
-            # to callback_metrics (metrics.json, checkpoint monitors); identical on all ranks: no sync
-            pl_module.log(key, value, logger=False if in_training else None, batch_size=1)
+            # to callback_metrics (metrics.json, checkpoint monitors). The values are already the whole
+            # set's, equal on every rank; the max over ranks keeps them bit for bit, and syncing at all
+            # is what Lightning asks of epoch-level values under distributed training
+            logger = False if in_training else None
+            pl_module.log(key, value, logger=logger, batch_size=1, sync_dist=True, reduce_fx="max")
         if in_training:
             # from a training hook, Lightning passes values to the loggers on log_every_n_steps only
             for logger in trainer.loggers:
@@ -135,7 +135,7 @@ class _SetEvaluation(Callback, ABC):
 
     def _print_table(self, trainer: Trainer) -> None:
         """The last evaluation callback prints every one's fresh results (they all ran before it)."""
-        evaluations = [c for c in trainer.callbacks if isinstance(c, _SetEvaluation)]
+        evaluations = [c for c in trainer.callbacks if isinstance(c, SetEvaluation)]
         if self is not evaluations[-1] or not any(c._fresh for c in evaluations):
             return
         rows = {k: v for c in evaluations if c._fresh for k, v in c.results.items()}
@@ -153,7 +153,7 @@ class _SetEvaluation(Callback, ABC):
         return shard_batches(self._load, trainer, size, self.batch_size, self.num_workers, target, what)
 
 
-class ZeroShotClassification(_SetEvaluation):
+class ZeroShotClassification(SetEvaluation):
     """Zero-shot classification accuracy on a labelled image set.
 
     Each image gets the class whose prompts' mean text embedding is closest. Logs
@@ -238,7 +238,7 @@ class ZeroShotClassification(_SetEvaluation):
         return gathered_classification_metrics(*rows, classifier, self.topk)
 
 
-class ZeroShotRetrieval(_SetEvaluation):
+class ZeroShotRetrieval(SetEvaluation):
     """Image-text retrieval recall on a captioned image set.
 
     Logs ``retrieval/<name>/i2t_R@K`` (any of an image's captions among the K texts closest to it)

@@ -7,7 +7,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from superclip_pl.evalloop import inference
+from superclip_pl.eval.loop import inference
 from superclip_pl.transforms import CLIP_MEAN, CLIP_STD
 
 

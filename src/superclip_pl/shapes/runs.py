@@ -48,6 +48,21 @@ class ProgressFile(Callback):
             tmp.replace(self.path)  # atomic: the reader never sees a half-written file
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend, or a one-line exit naming the extra to
+    install (the library does not need matplotlib; only the demo's plots do)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit(
+            "the demo's plots need matplotlib: pip install 'superclip-pl[demo]' (make install does it)"
+        ) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def headline(metrics: dict[str, float]) -> dict[str, float]:
     """The two summary numbers: mean zero-shot top-1 over the shapes sets, and mean retrieval R@1."""
     return {
@@ -61,7 +76,7 @@ class Run:
     """One ``superclip fit`` run; its logs go to ``<out_dir>/<name>/<version>/``."""
 
     name: str
-    config: str
+    configs: list[str]  # `superclip fit --config` files, in order (a baseline fragment after its run)
     out_dir: Path
     version: str
     batch_size: int
@@ -97,8 +112,7 @@ class Run:
         and at the end."""
         return [
             "fit",
-            "--config",
-            self.config,
+            *(arg for config in self.configs for arg in ("--config", config)),
             "--seed_everything",
             str(self.seed),
             "--data.init_args.seed",
@@ -127,7 +141,7 @@ def _command(run: Run, progress: bool) -> list[str]:
     args = run.args(progress)
     if not progress:  # the parent shows a bar per run from this file instead
         spec = {
-            "class_path": "superclip_pl.experiments.ProgressFile",
+            "class_path": "superclip_pl.shapes.runs.ProgressFile",
             "init_args": {"path": str(run.progress_file)},
         }
         args.append(f"--trainer.callbacks+={json.dumps(spec)}")

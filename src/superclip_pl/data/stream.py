@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-from superclip_pl.samples import SampleDecoder
+from superclip_pl.data.decode import SampleDecoder
 
 log = logging.getLogger(__name__)
 

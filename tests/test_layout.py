@@ -1,0 +1,128 @@
+"""The package's shape: the library never needs the demo or its plotting extra, imports go one way,
+and files stay small enough to read in one sitting."""
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "src" / "superclip_pl"
+MAX_LINES = 300
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """The superclip_pl modules a file imports, at module level or inside functions."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("superclip_pl")}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("superclip_pl"):
+            # `from superclip_pl.eval import sets` imports the module superclip_pl.eval.sets
+            out |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+    return out
+
+
+MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+GRAPH = {m: {i for i in imports_of(p) if i in MODULES and i != m} for m, p in MODULES.items()}
+
+
+def test_the_library_never_imports_the_demo():
+    library = [m for m in MODULES if not m.startswith("superclip_pl.shapes")]
+    offenders = {m: sorted(i for i in GRAPH[m] if i.startswith("superclip_pl.shapes")) for m in library}
+    assert {m: i for m, i in offenders.items() if i} == {}
+    assert not any("matplotlib" in MODULES[m].read_text() for m in library)
+
+
+def test_imports_go_one_way():
+    """No cycle among the package's modules (a package's __init__ re-exporting its own modules is the
+    one allowed way down)."""
+
+    def edges(m: str) -> set[str]:
+        return {i for i in GRAPH[m] if not (MODULES[m].name == "__init__.py" and i.startswith(m + "."))}
+
+    path: list[str] = []  # the modules being visited, outermost first
+    done: set[str] = set()
+
+    def visit(m: str) -> None:
+        path.append(m)
+        for n in sorted(edges(m)):
+            if n in path:
+                pytest.fail("import cycle: " + " -> ".join([*path[path.index(n) :], n]))
+            if n not in done:
+                visit(n)
+        path.pop()
+        done.add(m)
+
+    for m in sorted(MODULES):
+        if m not in done:
+            visit(m)
+
+
+def test_files_stay_small():
+    long = {
+        str(p.relative_to(ROOT)): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
+    assert long == {}
+
+
+# Run first in every Python started with it on PYTHONPATH: matplotlib can neither be imported nor found
+# in the installed distributions (the libraries underneath ask both before they import it)
+HIDE_MATPLOTLIB = """
+import importlib.abc, importlib.metadata as md, sys
+
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "matplotlib":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+def hidden(real):
+    def lookup(name, *args, **kwargs):
+        if name.lower() == "matplotlib":
+            raise md.PackageNotFoundError(name)
+        return real(name, *args, **kwargs)
+    return lookup
+
+sys.meta_path.insert(0, Absent())
+md.distribution, md.version = hidden(md.distribution), hidden(md.version)
+"""
+
+
+@pytest.fixture
+def no_matplotlib(tmp_path) -> dict[str, str]:
+    """An environment as where the demo extra (matplotlib) is not installed."""
+    (tmp_path / "sitecustomize.py").write_text(HIDE_MATPLOTLIB)
+    return {**os.environ, "PYTHONPATH": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+
+
+def test_the_library_and_its_cli_work_without_matplotlib(no_matplotlib):
+    probe = (
+        "import superclip_pl, superclip_pl.cli, superclip_pl.export, sys; print('matplotlib' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], env=no_matplotlib, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+    superclip = Path(sys.executable).parent / "superclip"  # the installed console script
+    cmd = [str(superclip), "fit", "--config", "configs/debug.yaml", "--print_config"]
+    out = subprocess.run(cmd, env=no_matplotlib, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "superclip_pl.ImageTextDataModule" in out.stdout
+
+
+def test_the_demo_says_which_extra_it_needs(no_matplotlib):
+    cmd = [sys.executable, "-m", "superclip_pl.shapes.demo", "--samples", "16"]
+    out = subprocess.run(cmd, env=no_matplotlib, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode != 0
+    assert out.stderr.strip().splitlines() == [
+        "the demo's plots need matplotlib: pip install 'superclip-pl[demo]' (make install does it)"
+    ]
