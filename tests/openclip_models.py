@@ -18,6 +18,7 @@ from openclip_ref import open_clip
 
 VOCAB = 49408  # the CLIP BPE: the imported tokenizer is the real one
 WIDTH = 48  # vision width; the head's input
+GLOBAL_BATCH = 3  # of the reference run whose IDF buffers build() accumulates: 4 steps, 12 captions
 
 CAPTIONS = [
     "a photo of a red circle",
@@ -55,7 +56,7 @@ def reference_idf(cap_fq: torch.Tensor, num_samples: torch.Tensor, batch: int) -
     return torch.log((num_samples + 1.0 / batch) / (cap_fq + 1.0 / batch)).reshape(-1)
 
 
-def build(custom_text: bool, quick_gelu: bool, superclip: bool, seed: int = 0, batch: int = 3):
+def build(custom_text: bool, quick_gelu: bool, superclip: bool, seed: int = 0, batch: int = GLOBAL_BATCH):
     """``(open_clip model, text_decoder or None, {"cap_fq", "num_samples"} or {})``, all random."""
     oc = open_clip()
     torch.manual_seed(seed)

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, CLIPConfig, pipeline
 
-from openclip_models import CAPTIONS, VOCAB, build, model_cfg, reference_idf, save_as_reference
+from openclip_models import CAPTIONS, GLOBAL_BATCH, VOCAB, build, model_cfg, reference_idf, save_as_reference
 from openclip_ref import open_clip
 from superclip_pl.cli import main
 from superclip_pl.clip_bpe import clip_bpe_tokenizer
@@ -17,7 +17,7 @@ from superclip_pl.clipdir import HEAD_FILE, read_extras
 from superclip_pl.losses import DocumentFrequency
 from superclip_pl.model import SuperCLIP
 
-BATCH = 3  # the global batch the reference's IDF buffers were accumulated at (openclip_models.build)
+BATCH = GLOBAL_BATCH  # the global batch the reference's IDF buffers were accumulated at
 # (text layout, activation, head): the released SuperCLIP (text., GELU, head), OpenAI-style CLIPs
 # (top-level text, QuickGELU), and the two other corners, one of them with a head
 CASES = [(True, False, True), (False, True, False), (True, True, False), (False, False, True)]
