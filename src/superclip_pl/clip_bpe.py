@@ -92,5 +92,7 @@ def clip_bpe_tokenizer(bpe_path: str | Path | None = None, context_length: int =
         model_max_length=context_length,
     )
     backend = tokenizer.backend_tokenizer  # NFC, whitespace runs -> " ", lower case
-    backend.normalizer = normalizers.Sequence([*(normalizers.Replace(*e) for e in ENTITIES), backend.normalizer])
+    backend.normalizer = normalizers.Sequence(
+        [*(normalizers.Replace(*e) for e in ENTITIES), backend.normalizer]
+    )
     return tokenizer

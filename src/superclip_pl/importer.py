@@ -123,12 +123,12 @@ def locate_files(ckpt_path: str) -> tuple[list[Path], Path | None, Path | None]:
                     f"{ckpt_path!r} holds {len(found)} checkpoint files and none of {list(WEIGHT_FILES)}: "
                     "pass the file itself"
                 )
-        head = path / HEAD_FILE
+        head, config = path / HEAD_FILE, path / CONFIG_FILE
         tok = path if (path / "tokenizer_config.json").is_file() else None
-        config = path / CONFIG_FILE
-        return [found[0]] + ([head] if head.is_file() else []), config if config.is_file() else None, tok
+        return found[:1] + [head] * head.is_file(), config if config.is_file() else None, tok
     parts = ckpt_path.split("/")
-    if len(parts) < 2 or ckpt_path.startswith((".", "/")) or not all(parts):
+    local = ckpt_path.startswith((".", "/")) or (len(parts) == 2 and path.suffix in (".pt", ".pth", ".bin"))
+    if len(parts) < 2 or local or not all(parts):
         raise ValueError(
             f"checkpoint {ckpt_path!r} does not exist (a file, a directory, ORG/REPO or ORG/REPO/FILE)"
         )
@@ -140,7 +140,10 @@ def locate_files(ckpt_path: str) -> tuple[list[Path], Path | None, Path | None]:
         if weights is not None:
             head = _hub(repo, HEAD_FILE, False)
             return [weights] + ([head] if head else []), _hub(repo, CONFIG_FILE, False), None
-    raise ValueError(f"hub repo {repo!r} has none of {list(WEIGHT_FILES)}: name the file, as {repo}/FILE")
+    offline = " (or, offline, none is in the hub cache)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+    raise ValueError(
+        f"hub repo {repo!r} has none of {list(WEIGHT_FILES)}{offline}: name the file, as {repo}/FILE"
+    )
 
 
 def _tokenizer(spec: str | None, found: Path | None, context_length: int):
@@ -195,14 +198,10 @@ def read_open_clip(
             "cap_fq and num_samples come together, with a text_decoder head: the checkpoint is incomplete"
         )
     if "cap_fq" in state:
-        if state["cap_fq"].numel() != config.text_config.vocab_size:
-            raise ValueError(
-                f"cap_fq has shape {tuple(state['cap_fq'].shape)} but the vocabulary has "
-                f"{config.text_config.vocab_size} tokens"
-            )
         recorded = (written.get("superclip") or {}).get("idf_batch_size")
         out.idf_batch_size = idf_batch_size or recorded or PAPER_BATCH
-        out.doc_freq = doc_freq_to_ours(state["cap_fq"], state["num_samples"], out.idf_batch_size)
+        vocab = config.text_config.vocab_size
+        out.doc_freq = doc_freq_to_ours(state["cap_fq"], state["num_samples"], out.idf_batch_size, vocab)
     return out
 
 

@@ -143,10 +143,12 @@ def head_to_ours(state: dict[str, torch.Tensor], vocab_size: int, width: int) ->
 
 
 def doc_freq_to_ours(
-    cap_fq: torch.Tensor, num_samples: torch.Tensor, batch_size: int
+    cap_fq: torch.Tensor, num_samples: torch.Tensor, batch_size: int, vocab_size: int
 ) -> dict[str, torch.Tensor]:
     """Our ``DocumentFrequency`` counts (``df`` (V,) and ``num_docs``, int64) of the reference's running
     sums at a constant global batch ``batch_size``; the products must be whole numbers."""
+    if cap_fq.numel() != vocab_size:
+        raise ValueError(f"cap_fq has shape {tuple(cap_fq.shape)} but the vocabulary has {vocab_size} tokens")
     if batch_size < 1:
         raise ValueError(f"--idf_batch_size={batch_size} must be the run's global batch size (>= 1)")
     df = cap_fq.double().reshape(-1) * batch_size
