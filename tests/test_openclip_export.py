@@ -10,13 +10,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
-from conftest import COLOURS, SHAPES
+from conftest import COLOURS, MICRO, SHAPES
 from openclip_models import GLOBAL_BATCH, TextDecoder, build, model_cfg, reference_idf, save_as_reference
 from openclip_ref import open_clip
 from superclip_pl.cli import main
 from superclip_pl.clipdir import HEAD_FILE, read_extras
 from superclip_pl.losses import DocumentFrequency, classification_loss
 from superclip_pl.model import SuperCLIP
+from superclip_pl.module import LitSuperCLIP
 from test_cli import debug_fit, shapes  # noqa: F401  (the module-scoped shapes data set fixture)
 from test_export import fit_and_save
 
@@ -56,6 +57,32 @@ def test_our_checkpoint_exported_for_open_clip_computes_what_we_compute(tmp_path
     torch.testing.assert_close(idf, module.doc_freq.idf().double(), rtol=1e-6, atol=1e-6)
     config = json.loads((out / "open_clip_config.json").read_text())
     assert config["superclip"]["clstext_cfg"]["layers"] == 0 and config["model_cfg"]["custom_text"]
+
+
+def test_siglip_model_exported_for_open_clip_keeps_its_logit_bias(tmp_path, tokenizer_dir):
+    module = LitSuperCLIP(tokenizer_dir, backbone_config=MICRO, loss="siglip", class_loss_weight=0)
+    with torch.no_grad():
+        module.model.logit_bias.fill_(-7.5)
+    torch.save(
+        {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, tmp_path / "s.ckpt"
+    )
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "export",
+                "--ckpt_path",
+                str(tmp_path / "s.ckpt"),
+                "--output_dir",
+                str(out),
+                "--format",
+                "open_clip",
+            ]
+        )
+        is None
+    )
+    model, _, _ = open_clip().create_model_and_transforms(f"local-dir:{out}")
+    assert float(model.logit_bias) == -7.5 and not (out / "text_decoder.safetensors").exists()  # no head
 
 
 def test_import_export_import_gives_identical_tensors(tmp_path):

@@ -200,8 +200,11 @@ def export_checkpoint(
             k[len("model.head.") :]: v.float() for k, v in state_dict.items() if k.startswith("model.head.")
         }
         counts = {k[len("doc_freq.") :]: v for k, v in state_dict.items() if k.startswith("doc_freq.")}
-        return write_open_clip(out, weights, config, tok, head or None, counts or None,
-                               idf_batch_size or PAPER_BATCH, DTYPES[dtype])  # fmt: skip
+        bias = state_dict.get("model.logit_bias")  # SigLIP
+        batch = idf_batch_size or PAPER_BATCH
+        return write_open_clip(
+            out, weights, config, tok, head or None, counts or None, batch, DTYPES[dtype], bias
+        )
     card = model_card(Path(ckpt_path), hparams, rest, state_dict, config, dtype)
     return write_clip_dir(out, weights, config, tok, card, DTYPES[dtype])
 

@@ -173,7 +173,11 @@ def read_open_clip(
     given = load_model_cfg(model_config) if isinstance(model_config, str) else model_config
     model_cfg = check_model_cfg(given or written.get("model_cfg") or inferred, inferred)
     model_cfg.pop("custom_text", None)  # the layout is read from the keys
-    tok = _tokenizer(tokenizer, tok_dir, model_cfg["text_cfg"]["context_length"])
+    # --tokenizer, else the one in the directory, else the config's HF tokenizer, else the CLIP BPE
+    named = model_cfg["text_cfg"].get("hf_tokenizer_name")
+    tok = _tokenizer(
+        tokenizer or (None if tok_dir else named), tok_dir, model_cfg["text_cfg"]["context_length"]
+    )
     if len(tok) != model_cfg["text_cfg"]["vocab_size"]:
         raise ValueError(
             f"the tokenizer has {len(tok)} tokens but {text}token_embedding.weight has "

@@ -60,6 +60,7 @@ _SHAPES = {
     "text_cfg": ("context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "norm_kwargs"),
     "clstext_cfg": ("vocab_size", "layers"),
 }
+_OMITTED = {"vision_cfg": HEAD_WIDTH, "text_cfg": 8, "clstext_cfg": 0}  # CLIPTextCfg.heads = 8
 _TOP = {"embed_dim", "vision_cfg", "text_cfg", "clstext_cfg", "quick_gelu", "custom_text"}
 _TOP_IGNORED = {"init_logit_scale", "init_logit_bias", "cast_dtype", "output_dict"}
 
@@ -145,6 +146,10 @@ def check_model_cfg(given: dict[str, Any], inferred: dict[str, Any]) -> dict[str
         if part not in cfg:
             continue
         sub = dict(cfg[part] or {})
+        if given is not inferred:  # open_clip's defaults for what a config leaves out
+            sub.setdefault(
+                {"vision_cfg": "head_width", "text_cfg": "heads"}.get(part, "layers"), _OMITTED[part]
+            )
         for key, value in sub.items():
             if key in _IGNORED.get(part, ()) or key in _SHAPES[part]:
                 continue

@@ -70,6 +70,7 @@ def write_open_clip(
     doc_freq: dict[str, torch.Tensor] | None,
     idf_batch_size: int,
     dtype: torch.dtype = torch.float32,
+    logit_bias: torch.Tensor | None = None,
 ) -> Path:
     """Write ``open_clip_config.json``, ``open_clip_model.safetensors``, the tokenizer and, with a head,
     ``text_decoder.safetensors`` (the IDF buffers at global batch ``idf_batch_size``, float64 as in the
@@ -81,6 +82,9 @@ def write_open_clip(
     cast = lambda ts: {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in ts.items()}
     tensors = from_hf(weights, config, "text.")
     tensors["logit_scale"] = tensors["logit_scale"].reshape(())
+    if logit_bias is not None:  # a SigLIP model: open_clip builds the bias from init_logit_bias
+        tensors["logit_bias"] = logit_bias.detach().reshape(())
+        model_cfg["init_logit_bias"] = float(logit_bias)
     out.mkdir(parents=True, exist_ok=True)
     save_file(cast(tensors), out / WEIGHTS_FILE, metadata={"format": "pt"})
     superclip: dict[str, Any] = {}
