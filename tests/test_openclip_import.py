@@ -244,3 +244,28 @@ def test_bad_input_fails_in_one_line_naming_the_key_or_shape(tmp_path, capsys):
     )
     head = {f"head.{m}.{p}" for m in ("norm", "proj") for p in ("weight", "bias")}
     assert set(load_file(tmp_path / "out" / HEAD_FILE)) == head | {"doc_freq.df", "doc_freq.num_docs"}
+
+
+def test_installed_command_exit_statuses(tmp_path):
+    """The console script as users call it: 0 after an import, 2 and one line for a bad file."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    reference, _, _ = build(False, True, False)
+    ckpt = save_as_reference(tmp_path / "clip.pt", reference)
+    command = str(Path(sys.executable).parent / "superclip")
+    good = subprocess.run(
+        [command, "import", "--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
+    assert good.returncode == 0, good.stderr[-2000:]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    (tmp_path / "cut.pt").write_bytes(ckpt.read_bytes()[:1000])
+    bad = subprocess.run(
+        [command, "import", "--ckpt_path", str(tmp_path / "cut.pt"), "--output_dir", str(tmp_path / "o2")],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "truncated?" in bad.stderr

@@ -162,22 +162,16 @@ def read_open_clip(
 ) -> Imported:
     """Read and map an open_clip / reference SuperCLIP checkpoint (see :func:`main` for the arguments)."""
     files, config_file, tok_dir = locate_files(ckpt_path)
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state |= read_state(f)
-    written: dict[str, Any] = {}
-    if config_file is not None:
-        written = json.loads(config_file.read_text())
+    state = {k: v for f in files for k, v in read_state(f).items()}
+    written: dict[str, Any] = json.loads(config_file.read_text()) if config_file is not None else {}
     text = text_prefix(state)
     inferred = infer_model_cfg(state, text)
     given = load_model_cfg(model_config) if isinstance(model_config, str) else model_config
     model_cfg = check_model_cfg(given or written.get("model_cfg") or inferred, inferred)
     model_cfg.pop("custom_text", None)  # the layout is read from the keys
     # --tokenizer, else the one in the directory, else the config's HF tokenizer, else the CLIP BPE
-    named = model_cfg["text_cfg"].get("hf_tokenizer_name")
-    tok = _tokenizer(
-        tokenizer or (None if tok_dir else named), tok_dir, model_cfg["text_cfg"]["context_length"]
-    )
+    spec = tokenizer or (None if tok_dir else model_cfg["text_cfg"].get("hf_tokenizer_name"))
+    tok = _tokenizer(spec, tok_dir, model_cfg["text_cfg"]["context_length"])
     if len(tok) != model_cfg["text_cfg"]["vocab_size"]:
         raise ValueError(
             f"the tokenizer has {len(tok)} tokens but {text}token_embedding.weight has "
