@@ -3,6 +3,10 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+REFS    := $(VENV)/.test-references
+# reference implementations the tests compare against, installed without their dependencies (which
+# would replace the CPU torch with a CUDA build and add torchvision, which cannot load beside it)
+TEST_REFERENCES := open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 timm==1.0.31
 TORCH   ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -20,12 +24,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev,demo]"
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install the package (torch CPU build first, then the rest)
+$(REFS): $(STAMP) Makefile
+	$(BIN)/pip install -q --no-deps $(TEST_REFERENCES)
+	touch $(REFS)
 
-test: $(STAMP)  ## run the whole test suite (CPU only, offline)
+install: $(STAMP) $(REFS)  ## create .venv and install the package (torch CPU build first, then the rest)
+
+test: $(STAMP) $(REFS)  ## run the whole test suite (CPU only, offline)
 	$(BIN)/pytest -q
 
-test-fast: $(STAMP)  ## run the tests not marked slow
+test-fast: $(STAMP) $(REFS)  ## run the tests not marked slow
 	$(BIN)/pytest -q -m "not slow"
 
 lint: $(STAMP)  ## ruff check and format check

@@ -1,4 +1,4 @@
-"""``superclip fit|validate|test|export``: the LightningCLI entry point."""
+"""``superclip fit|validate|test|export|import``: the LightningCLI entry point."""
 
 from __future__ import annotations
 
@@ -92,6 +92,11 @@ def main(args: list[str] | None = None, run: bool = True) -> SuperCLIPCLI | None
         from superclip_pl.export import main as export_main
 
         export_main(argv[1:])
+        return None
+    if argv and argv[0] == "import":
+        from superclip_pl.importer import main as import_main
+
+        import_main(argv[1:])
         return None
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from superclip_pl.data import ImageTextDataModule

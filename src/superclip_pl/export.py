@@ -5,7 +5,8 @@ the training-only vocabulary head and the SigLIP logit bias are left out), ``con
 training tokenizer, a ``CLIPImageProcessor`` that reproduces :func:`superclip_pl.transforms.eval_transform`
 (resize the shortest side, centre crop, OpenAI CLIP mean/std, bicubic), the ``CLIPProcessor`` that
 joins them, and a model card ``README.md``. ``transformers.pipeline("zero-shot-image-classification",
-model=DIR)`` loads it offline.
+model=DIR)`` loads it offline (:mod:`superclip_pl.clipdir`). ``--format open_clip`` writes the files
+open_clip loads instead, head included (:mod:`superclip_pl.openclip_export`).
 
 Checkpoints are read as state dicts: nothing is trained or randomly initialised, the weights are
 checked key by key and shape by shape against the ``CLIPConfig`` rebuilt from the hyperparameters.
@@ -21,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
-from safetensors.torch import save_file
-from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
+from transformers import CLIPConfig, CLIPModel
 
+from superclip_pl.clipdir import check_output_dir, write_clip_dir
+from superclip_pl.importer import PAPER_BATCH
 from superclip_pl.model import MAX_LOGIT_SCALE, PRESETS, clip_config
 from superclip_pl.modelcard import model_card
+from superclip_pl.openclip_export import read_clip_dir, write_open_clip
 from superclip_pl.tokenizer import load_tokenizer
-from superclip_pl.transforms import CLIP_MEAN, CLIP_STD
 
 PREFIX = "model.clip."  # LitSuperCLIP.model (SuperCLIP) .clip (CLIPModel)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -145,29 +146,41 @@ def clip_weights(state_dict: dict[str, torch.Tensor], config: CLIPConfig) -> dic
     return weights
 
 
+FORMATS = ("hf", "open_clip")
+
+
 def export_checkpoint(
     ckpt_path: str | Path,
     output_dir: str | Path,
     dtype: str = "float32",
     overwrite: bool = False,
     tokenizer: str | None = None,
+    format: str = "hf",
+    idf_batch_size: int | None = None,
 ) -> Path:
-    """Write the HF ``CLIPModel`` directory of a SuperCLIP checkpoint; returns ``output_dir``.
+    """Write the HF ``CLIPModel`` directory (or the open_clip files) of a SuperCLIP checkpoint.
 
     Args:
-        ckpt_path: a Lightning ``.ckpt`` file of ``LitSuperCLIP`` or a distributed checkpoint directory.
+        ckpt_path: a Lightning ``.ckpt`` file of ``LitSuperCLIP`` or a distributed checkpoint directory;
+            for ``format="open_clip"`` also an HF CLIPModel directory of ours (export, import).
         output_dir: where to write; must not exist or be empty unless ``overwrite``.
         dtype: dtype of the saved floating-point weights.
         overwrite: write into an existing non-empty ``output_dir`` (same-named files are replaced).
         tokenizer: tokenizer directory or hub id, when the one named in the checkpoint has moved.
+        format: ``hf`` (transformers) or ``open_clip`` (``open_clip.create_model_and_transforms``).
+        idf_batch_size: open_clip format: the global batch the reference's IDF buffers are written at
+            (default: the one an imported directory was read at, else 16384).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
-    out = Path(output_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(
-            f"output dir {str(out)!r} exists and is not empty; pass --overwrite to write into it"
-        )
+    if format not in FORMATS:
+        raise ValueError(f"format={format!r} is not one of {list(FORMATS)}")
+    out = check_output_dir(output_dir, overwrite)
+    if format == "open_clip" and (Path(ckpt_path) / "config.json").is_file():
+        src = read_clip_dir(ckpt_path)
+        batch = idf_batch_size or src["idf_batch_size"] or PAPER_BATCH
+        return write_open_clip(out, src["weights"], src["config"], src["tokenizer"], src["head"],
+                               src["doc_freq"], batch, DTYPES[dtype])  # fmt: skip
     state_dict, rest = read_checkpoint(ckpt_path)
     hparams = dict(rest.get("hyper_parameters") or {})
     if "tokenizer" not in hparams or not any(k.startswith(PREFIX) for k in state_dict):
@@ -182,28 +195,18 @@ def export_checkpoint(
         raise ValueError(f"{err}{hint}") from None
     config = rebuild_config(hparams, tok)
     weights = clip_weights(state_dict, config)  # everything is checked before anything is written
-
-    out.mkdir(parents=True, exist_ok=True)
-    torch_dtype = DTYPES[dtype]
-    tensors = {
-        k: (v.to(torch_dtype) if v.is_floating_point() else v).contiguous() for k, v in weights.items()
-    }
-    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-    config.dtype = torch_dtype
-    config.save_pretrained(out)
-    size = config.vision_config.image_size
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
-        resample=Image.Resampling.BICUBIC,  # as the eval transform
-    )
-    # the processor also saves the tokenizer; preprocessor_config.json is for readers of the older layout
-    CLIPProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(out)
-    image_processor.save_pretrained(out)
-    (out / "README.md").write_text(model_card(Path(ckpt_path), hparams, rest, state_dict, config, dtype))
-    return out
+    if format == "open_clip":
+        head = {
+            k[len("model.head.") :]: v.float() for k, v in state_dict.items() if k.startswith("model.head.")
+        }
+        counts = {k[len("doc_freq.") :]: v for k, v in state_dict.items() if k.startswith("doc_freq.")}
+        bias = state_dict.get("model.logit_bias")  # SigLIP
+        batch = idf_batch_size or PAPER_BATCH
+        return write_open_clip(
+            out, weights, config, tok, head or None, counts or None, batch, DTYPES[dtype], bias
+        )
+    card = model_card(Path(ckpt_path), hparams, rest, state_dict, config, dtype)
+    return write_clip_dir(out, weights, config, tok, card, DTYPES[dtype])
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -235,9 +238,32 @@ def main(argv: list[str] | None = None) -> Path:
         default=None,
         help="tokenizer directory or hub id, if the one recorded in the checkpoint has moved",
     )
+    parser.add_argument(
+        "--format",
+        default="hf",
+        choices=FORMATS,
+        help="hf: a transformers CLIPModel directory (default); open_clip: open_clip_config.json + "
+        "open_clip_model.safetensors (+ the head as text_decoder.safetensors) for "
+        "open_clip.create_model_and_transforms('local-dir:DIR'); --ckpt_path may then be an HF "
+        "directory of ours (superclip export / import)",
+    )
+    parser.add_argument(
+        "--idf_batch_size",
+        type=int,
+        default=None,
+        help="open_clip format: global batch size the reference's cap_fq/num_samples are written at",
+    )
     args = parser.parse_args(argv)
     try:
-        out = export_checkpoint(args.ckpt_path, args.output_dir, args.dtype, args.overwrite, args.tokenizer)
+        out = export_checkpoint(
+            args.ckpt_path,
+            args.output_dir,
+            args.dtype,
+            args.overwrite,
+            args.tokenizer,
+            args.format,
+            args.idf_batch_size,
+        )
     except (ValueError, OSError) as err:
         parser.exit(1, f"superclip export: error: {err}\n")
     print(f"exported {args.ckpt_path} to {out}")

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPConfig, CLIPModel
 
+from superclip_pl.clipdir import read_extras
+
 # Architectures of the paper (open_clip ViT-B-16 / ViT-L-16 shapes), plus a tiny one for tests and
 # the CPU demo. ``vocab_size`` and the special-token ids are taken from the tokenizer, never from here.
 # Trained from scratch with standard GELU (open_clip's non-OpenAI models); HF's default is quick_gelu.
@@ -205,7 +207,8 @@ class SuperCLIP(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, head: bool = True, siglip: bool = False) -> SuperCLIP:
-        """Start from a pretrained HF ``CLIPModel`` (hub id or local dir); the head is freshly initialised."""
+        """Start from a pretrained HF ``CLIPModel`` (hub id or local dir); the head is the directory's
+        ``superclip_head.safetensors`` (``superclip import`` of a SuperCLIP checkpoint) or fresh."""
         try:
             # float32 master weights whatever the saved dtype (autocast handles bf16); HF returns the
             # model in eval mode, and fine-tuning wants dropout etc. as configured
@@ -216,7 +219,39 @@ class SuperCLIP(nn.Module):
                 f"cannot load a CLIP model from {name_or_path!r} ({where}): {str(err).splitlines()[0]}; "
                 f"presets are {sorted(PRESETS)}"
             ) from None
-        return cls(clip.config, head=head, siglip=siglip, clip=clip)
+        model = cls(clip.config, head=head, siglip=siglip, clip=clip)
+        state = read_extras(name_or_path)[0] if head else None
+        if state is not None:
+            want = {k: tuple(v.shape) for k, v in model.head.state_dict().items()}
+            got = {k: tuple(v.shape) for k, v in state.items()}
+            if got != want:
+                raise ValueError(
+                    f"{name_or_path!r}: the head in superclip_head.safetensors has shapes {got}, the model's "
+                    f"head {want}; re-run `superclip import` into a new directory"
+                )
+            model.head.load_state_dict({k: v.float() for k, v in state.items()})
+        return model
+
+    @classmethod
+    def from_open_clip(
+        cls,
+        ckpt_path: str,
+        model_config: str | dict | None = None,
+        tokenizer: str | None = None,
+        head: bool = True,
+    ) -> SuperCLIP:
+        """A model from an open_clip or reference SuperCLIP checkpoint (file, directory or hub id, as
+        ``superclip import`` reads them), with the checkpoint's head or a fresh one. The IDF counts are
+        in ``superclip_pl.importer.read_open_clip(...).doc_freq``."""
+        from superclip_pl.importer import read_open_clip
+
+        imp = read_open_clip(ckpt_path, model_config, tokenizer)
+        clip = CLIPModel(imp.config)
+        clip.load_state_dict(imp.weights)
+        model = cls(imp.config, head=head, clip=clip)
+        if head and imp.head is not None:
+            model.head.load_state_dict(imp.head)
+        return model
 
     @property
     def image_size(self) -> int:

@@ -10,9 +10,10 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ThroughputMonitor
 from torch import nn
 
+from superclip_pl.clipdir import read_extras
 from superclip_pl.flops import training_step_flops
 from superclip_pl.losses import DocumentFrequency, classification_loss, contrastive_loss, siglip_loss
-from superclip_pl.model import SuperCLIP
+from superclip_pl.model import PRESETS, SuperCLIP
 from superclip_pl.tokenizer import load_tokenizer
 
 
@@ -108,6 +109,9 @@ class LitSuperCLIP(LightningModule):
         self.max_length = max_length
         self.ignore_ids = sorted(set(self.tokenizer.all_special_ids))
         self.doc_freq = DocumentFrequency(self.model.vocab_size) if self.model.head is not None else None
+        counts = read_extras(backbone)[1] if self.doc_freq is not None and backbone not in PRESETS else None
+        if counts is not None:  # a backbone dir `superclip import` wrote: the run goes on from its counts
+            self.doc_freq.load_state_dict(counts)
         self.register_buffer("samples_seen", torch.zeros((), dtype=torch.long))
         # optimizer steps of the last validation and the last checkpoint: the CLI makes sure that
         # a fit ends with an evaluation and a checkpoint of its final model
