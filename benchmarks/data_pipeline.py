@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 from timing import interleaved
 
-from superclip_pl.data.datamodule import image_text_stream
+from superclip_pl.data.build import image_text_stream
 from superclip_pl.data.decode import Collate
 from superclip_pl.data.loader import StreamLoader
 from superclip_pl.data.sources import DataSource
