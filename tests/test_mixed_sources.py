@@ -218,3 +218,35 @@ def test_caption_column_probabilities_are_checked(tmp_path):
         image_text_stream(wds(str(tmp_path / "s.tar"), text_column={"txt": -1}))
     with pytest.raises(ValueError, match=r"data.train.text_column: 'recap' is not a column .*first samples"):
         image_text_stream(wds(str(tmp_path / "s.tar"), text_column={"txt": 1, "recap": 1}))
+
+
+@pytest.mark.slow
+def test_a_mixture_resumes_exactly_on_two_ddp_ranks(tmp_path, bad_shards, tokenizer_dir):
+    """Two gloo ranks, one worker each, mixing the bad shards (4) with 3 more that do not split over
+    2 ranks; stopped at step 4 and resumed, each rank reads what the uninterrupted run read."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    other = tmp_path / "b"
+    write_shards(other, num_shards=3, per_shard=5)
+    for shard in other.glob("*.tar"):
+        shard.rename(other / f"b-{shard.name}")
+    script = Path(__file__).with_name("distributed_data.py")
+    data_files = f"{bad_shards[0]},{other / '*.tar'}"
+
+    def run(name: str, max_steps: int, ckpt_path: Path | None = None) -> list[dict]:
+        out = tmp_path / name
+        out.mkdir()
+        args = [sys.executable, str(script), data_files, tokenizer_dir, str(out), str(max_steps)]
+        subprocess.run(args + ([str(ckpt_path)] if ckpt_path else []), check=True, timeout=600)
+        return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+    full = run("full", 8)
+    rest = run("rest", 8, tmp_path / "full" / "checkpoints" / "epoch=0-step=4.ckpt")
+    for r in range(2):
+        assert full[r]["keys"][:12] + rest[r]["keys"] == full[r]["keys"]  # keys compared
+        assert {k[:2] == "b-" for k in full[r]["keys"][:12]} == {True, False}  # stopped mid-mixture
+        assert rest[r]["sources"] == full[r]["sources"] and rest[r]["skipped"] == full[r]["skipped"]
+        assert sum(full[r]["sources"].values()) == full[r]["seen"]  # per-source counts add up
