@@ -16,35 +16,13 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import warnings
 from collections import deque
 from collections.abc import Iterator
-from functools import partial
 
-from PIL import Image
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 log = logging.getLogger(__name__)
-
-
-# PIL image buffers a DataLoader worker keeps for reuse (see `_init_worker`)
-PIL_BLOCKS_MAX = 64
-
-
-def _init_worker(user_init, worker_id: int) -> None:
-    """Let PIL recycle freed image memory in this worker (`PILLOW_BLOCKS_MAX`, unless the user set it).
-
-    By default PIL returns every image buffer to the OS when the image is freed, so each decoded
-    image and each resize result is written into freshly mapped pages, one page fault per 4 KiB;
-    a worker decodes hundreds of images a second, and on a virtual machine those faults cost as much
-    as the decoding (see the README's data-pipeline profile). A worker is its own process, so the
-    setting touches no one else.
-    """
-    if "PILLOW_BLOCKS_MAX" not in os.environ:
-        Image.core.set_blocks_max(PIL_BLOCKS_MAX)
-    if user_init is not None:
-        user_init(worker_id)
 
 
 class StreamLoader(StatefulDataLoader):
@@ -60,7 +38,6 @@ class StreamLoader(StatefulDataLoader):
     def __init__(
         self, *args, rank: int = 0, world_size: int = 1, track_consumed: bool = False, **kwargs
     ) -> None:
-        kwargs["worker_init_fn"] = partial(_init_worker, kwargs.get("worker_init_fn"))
         with warnings.catch_warnings():  # torchdata 0.11 calls an API that torch 2.13 deprecates: noise
             warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
             super().__init__(*args, **kwargs)
