@@ -2,7 +2,9 @@
 
 Run as a script (Lightning's DDP launcher re-runs it for every rank):
     python tests/distributed_data.py DATA_FILES TOKENIZER_DIR OUT_DIR MAX_STEPS [CKPT_PATH]
-Writes OUT_DIR/rank{r}.json: {"keys": [...], "skipped": {...}, "seen": n, "totals": [seen, {...}]};
+DATA_FILES "a.tar-glob,b.tar-glob" trains on the mixture of the two, named a and b, weighted 0.7 / 0.3.
+Writes OUT_DIR/rank{r}.json: {"keys": [...], "skipped": {...}, "seen": n, "totals": [seen, {...}],
+"sources": {name: samples read}};
 checkpoints go to OUT_DIR/checkpoints every 4 steps.
 """
 
@@ -44,15 +46,21 @@ class Record(Callback):
             "skipped": dict(dm.skips.skipped["train"]),
             "seen": dm.skips.seen["train"],
             "totals": dm.skips.train_totals,
+            "sources": dm.source_counts.read,
         }
         with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
             json.dump(record, f)
 
 
 def main(data_files: str, tokenizer_dir: str, out_dir: str, max_steps: int, ckpt_path: str | None) -> None:
+    patterns = data_files.split(",")
+    train = [
+        DataSource(path="webdataset", data_files=p, name=name, weight=w)
+        for p, name, w in zip(patterns, "ab", (0.7, 0.3), strict=False)
+    ]
     dm = ImageTextDataModule(
         tokenizer=tokenizer_dir,
-        train=DataSource(path="webdataset", data_files=data_files),
+        train=train[0] if len(train) == 1 else train,
         batch_size=3,
         num_workers=1,
         image_size=16,

@@ -126,3 +126,46 @@ def write_bad_shards(root: Path) -> set[str]:
     data = (root / "shard-02.tar").read_bytes()
     (root / "shard-02.tar").write_bytes(data[: data.index(b"000022.png") + 512 + 300])
     return {f"shard-{s:02d}.tar/{i:06d}" for s, idx in good.items() for i in idx}
+
+
+def encoded(image: Image.Image, extension: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format={"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}[extension])
+    return buf.getvalue()
+
+
+MIXED_SKIPS = {"missing_image": 1, "corrupt_image": 1, "empty_caption": 1, "truncated_shard": 1}
+
+
+def write_mixed_shards(root: Path) -> dict[str, bytes]:
+    """Four shards whose samples mix .jpg/.jpeg/.png/.webp images (within and across shards), with one
+    bad sample of each kind in MIXED_SKIPS and a truncated last shard; returns {good key: image bytes}."""
+    root.mkdir(parents=True, exist_ok=True)
+    extensions = ["jpg", "png", "webp", "jpeg"]
+    good: dict[str, bytes] = {}
+
+    def member(i: int, shard: int, ext: str, text: str | None = None, data: bytes | None = None):
+        data = encoded(image_of(i, (20, 14)), ext) if data is None else data
+        if text is None:
+            good[f"shard-{shard:02d}.tar/{i:06d}"] = data
+        members = [(f"{i:06d}.{ext}", data)]
+        return members + [(f"{i:06d}.txt", (caption_of(i) if text is None else text).encode())]
+
+    shards = {
+        0: [m for i in range(6) for m in member(i, 0, extensions[i % 4])],
+        1: [m for i in range(10, 13) for m in member(i, 1, extensions[(i + 1) % 4])]
+        + [(f"{13:06d}.txt", caption_of(13).encode())]  # missing_image: a caption and no image
+        + member(14, 1, "webp", caption_of(14), b"RIFF....WEBPgarbage")  # corrupt_image
+        + member(15, 1, "png", "   ")  # empty_caption
+        + [m for i in range(16, 18) for m in member(i, 1, extensions[i % 4])],
+        2: [m for i in range(20, 24) for m in member(i, 2, extensions[(i + 2) % 4])],
+        3: [m for i in range(30, 33) for m in member(i, 3, extensions[(i + 3) % 4])],
+    }
+    for s, members in shards.items():
+        write_tar(root / f"shard-{s:02d}.tar", members)
+    # cut the last shard inside the image of its third sample: two good samples, then an unreadable tar
+    data = (root / "shard-03.tar").read_bytes()
+    name = f"{32:06d}.{extensions[(32 + 3) % 4]}".encode()
+    (root / "shard-03.tar").write_bytes(data[: data.index(name) + 512 + 100])
+    del good["shard-03.tar/000032"]
+    return good

@@ -40,6 +40,14 @@ def test_benchmark_reports_its_figures(bench, name):
     assert_figures(module, module.run(quick=True))
 
 
+def test_data_pipeline_reports_every_row(bench):
+    module, lookup = bench("data_pipeline"), bench("run").lookup
+    result = module.run(quick=True)
+    for key in module.TARGETS:  # dotted keys into the nested result, as run.py reads them
+        value = lookup(result, key)
+        assert isinstance(value, float) and math.isfinite(value) and value > 0, f"{key}={value!r}"
+
+
 def test_head_overhead_reports_the_paper_flops_figure(bench):
     module = bench("head_overhead")
     result = module.run(quick=True)

@@ -127,3 +127,17 @@ def test_fsdp_fragment_parses_and_wraps_encoder_layers(tokenizer_dir, tmp_path, 
     )
     assert init["auto_wrap_policy"] == ["transformers.models.clip.modeling_clip.CLIPEncoderLayer"]
     assert strategy.sharding_strategy.name == "FULL_SHARD"
+
+
+def test_mixed_captions_recipe_parses_into_weighted_sources(tokenizer_dir, tmp_path, monkeypatch):
+    from superclip_pl.data import DataSource
+
+    monkeypatch.chdir(tmp_path)
+    config = CONFIGS / "vit_b16_mixed_captions_superclip.yaml"
+    cli = main(["--config", str(config), *offline(config, tokenizer_dir)], run=False)
+    train = cli.datamodule.train
+    assert isinstance(train, list) and all(isinstance(s, DataSource) for s in train)
+    assert [(s.name, s.weight) for s in train] == [("web", 0.5), ("recap", 0.5)]
+    assert train[1].text_column == {"txt": 0.5, "re_caption.txt": 0.5}
+    assert train[0].image_column == ["jpg", "png", "webp"]
+    assert cli.model.hparams.class_max_length == 128 == cli.datamodule.class_max_length

@@ -24,7 +24,8 @@ from shards import (
     write_tar,
 )
 from superclip_pl.data import DataSource
-from superclip_pl.data.datamodule import image_text_stream, per_device_batch_size
+from superclip_pl.data.build import image_text_stream
+from superclip_pl.data.datamodule import per_device_batch_size
 from superclip_pl.data.decode import caption_candidates
 from superclip_pl.data.skips import check_skip_fraction
 from superclip_pl.data.sources import sharding_advice

@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import Logger
 from shards import IMAGE_SIZE, caption_of, image_of, loader, png, wds, write_shards
 from superclip_pl.data import DataSource, ImageTextDataModule
 from superclip_pl.data import datamodule as data_module
-from superclip_pl.data.datamodule import image_text_stream
+from superclip_pl.data.build import image_text_stream
 from superclip_pl.data.decode import Collate
 from superclip_pl.data.loader import StreamLoader
 from superclip_pl.tokenizer import load_tokenizer

@@ -20,6 +20,8 @@ class SuperCLIPCLI(LightningCLI):
         # one tokenizer and one caption length feed both the data pipeline and the model
         parser.link_arguments("data.init_args.tokenizer", "model.tokenizer")
         parser.link_arguments("data.init_args.max_length", "model.max_length")
+        # the classification targets are cut in the data workers, at the model's class_max_length
+        parser.link_arguments("model.class_max_length", "data.init_args.class_max_length")
         # the backbone decides the resolution the images are prepared at
         parser.link_arguments("model.image_size", "data.init_args.image_size", apply_on="instantiate")
 

@@ -22,6 +22,12 @@ def batch_size(batch: dict[str, torch.Tensor]) -> int:
     return batch["input_ids"].shape[0]
 
 
+def class_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Token ids the classification targets come from: ``class_ids`` (captions cut at
+    ``class_max_length``) when the batch has them, else the text tower's ``input_ids``."""
+    return batch.get("class_ids", batch["input_ids"])
+
+
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
     """LR multiplier: linear warm-up to 1 over ``warmup_steps``, then cosine down to ``min_ratio``."""
     if step < warmup_steps:
@@ -51,6 +57,9 @@ class LitSuperCLIP(LightningModule):
             ``{vision_config: {num_hidden_layers: 2}}``.
         image_size: input resolution; None keeps the backbone's (fed to ``data.image_size``).
         max_length: caption length in tokens (linked from ``data.max_length``).
+        class_max_length: tokens of the caption the classification targets (and document frequencies)
+            come from; None: ``max_length`` (the reference). Longer detailed captions then feed the head
+            in full while the text tower still sees ``max_length`` (linked to ``data.class_max_length``).
         class_loss_weight: weight of the classification loss; 0 trains plain CLIP (no head is built).
         loss: ``contrastive`` (symmetric InfoNCE) or ``siglip`` (sigmoid loss with a learnable bias).
         lr: peak learning rate of AdamW.
@@ -72,6 +81,7 @@ class LitSuperCLIP(LightningModule):
         backbone_config: dict[str, Any] | None = None,
         image_size: int | None = None,
         max_length: int = 77,
+        class_max_length: int | None = None,
         class_loss_weight: float = 1.0,
         loss: Literal["contrastive", "siglip"] = "contrastive",
         lr: float = 1e-3,
@@ -101,6 +111,8 @@ class LitSuperCLIP(LightningModule):
                 f"max_length={max_length} exceeds the text tower's "
                 f"{self.model.config.text_config.max_position_embeddings} positions"
             )
+        if class_max_length is not None and class_max_length < 1:
+            raise ValueError(f"class_max_length={class_max_length} must be >= 1 (or null: max_length)")
         if gradient_checkpointing:
             self.model.clip.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -139,7 +151,7 @@ class LitSuperCLIP(LightningModule):
         terms = {"contrastive_loss": con, "loss": con}
         if self.doc_freq is not None:
             cls = classification_loss(
-                out["vocab_logits"], batch["input_ids"], self.doc_freq.idf(), self.ignore_ids
+                out["vocab_logits"], class_targets(batch), self.doc_freq.idf(), self.ignore_ids
             )
             terms["class_loss"] = cls
             terms["loss"] = con + self.hparams.class_loss_weight * cls
@@ -162,7 +174,7 @@ class LitSuperCLIP(LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if self.doc_freq is not None:  # weights over the run so far, the current global batch included
-            self.doc_freq.update(batch["input_ids"], self.ignore_ids)
+            self.doc_freq.update(class_targets(batch), self.ignore_ids)
         terms = self.compute_losses(batch)
         batch_size = batch["input_ids"].shape[0]
         self.samples_seen += batch_size * self.trainer.world_size

@@ -54,32 +54,37 @@ def _high_depth_to_uint8(image: Image.Image) -> np.ndarray:
     return np.clip(np.rint(array * scale), 0, 255).astype(np.uint8)
 
 
-class Normalize:
-    """(H, W, 3) uint8 RGB -> (3, H, W) float32 `(x / 255 - mean) / std`.
+def normalize(pixels: torch.Tensor, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):
+    """(..., 3, H, W) uint8 RGB -> float32 `(x / 255 - mean) / std`, on whatever device `pixels` is.
 
-    A 256-entry table per channel, computed with the rounding of CLIPImageProcessor (rescale in
-    float64, cast to float32, normalise in float32), makes the result bit-identical to it and
-    turns the per-pixel arithmetic into one lookup.
+    Bit-identical to CLIPImageProcessor (which rescales in float64, casts to float32 and normalises in
+    float32): x / 255 in float32 is correctly rounded, as is the float64 quotient cast to float32, and
+    the test checks all 256 levels. Training ships uint8 images from the DataLoader workers (a quarter
+    of the bytes, no float work there) and calls this on the device after the transfer.
     """
+    shape = (3, 1, 1)
+    mean32 = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(shape)
+    std32 = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(shape)
+    return (pixels.to(torch.float32) / 255).sub_(mean32).div_(std32)
 
-    def __init__(self, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> None:
-        levels = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
-        mean32, std32 = np.asarray(mean, np.float32), np.asarray(std, np.float32)
-        self.table = (levels[None, :] - mean32[:, None]) / std32[:, None]  # (3, 256)
 
-    def __call__(self, rgb: np.ndarray) -> torch.Tensor:
-        out = np.empty((3, *rgb.shape[:2]), dtype=np.float32)
-        for c in range(3):
-            np.take(self.table[c], rgb[..., c], out=out[c])
-        return torch.from_numpy(out)
+def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> (3, H, W) uint8 tensor (a channels-first view of one writable copy)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
 class EvalTransform:
-    """Resize the shortest side to `image_size` (bicubic), centre-crop a square, normalise."""
+    """Resize the shortest side to `image_size` (bicubic), centre-crop a square, normalise (or, with
+    `normalized=False`, return the (3, H, W) uint8 crop for `normalize` to finish later)."""
 
-    def __init__(self, image_size: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD):
-        self.image_size = image_size
-        self.normalize = Normalize(mean, std)
+    def __init__(
+        self,
+        image_size: int,
+        mean: Sequence[float] = CLIP_MEAN,
+        std: Sequence[float] = CLIP_STD,
+        normalized: bool = True,
+    ):
+        self.image_size, self.mean, self.std, self.normalized = image_size, mean, std, normalized
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         image = to_rgb(image)
@@ -88,14 +93,16 @@ class EvalTransform:
         new_w, new_h = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
         rgb = np.asarray(image.resize((new_w, new_h), Image.Resampling.BICUBIC))
         top, left = (new_h - s) // 2, (new_w - s) // 2
-        return self.normalize(rgb[top : top + s, left : left + s])
+        pixels = torch.from_numpy(rgb[top : top + s, left : left + s].copy()).permute(2, 0, 1)
+        return normalize(pixels, self.mean, self.std) if self.normalized else pixels
 
 
 class TrainTransform:
     """RandomResizedCrop(image_size, scale, ratio=(3/4, 4/3), bicubic), then normalise.
 
     Crop parameters are drawn from `generator` when given (reproducible), else from torch's global
-    RNG, which DataLoader seeds differently in every worker.
+    RNG, which DataLoader seeds differently in every worker. With `normalized=False` the result is the
+    (3, H, W) uint8 crop, for `normalize` to finish on the device.
     """
 
     def __init__(
@@ -105,9 +112,10 @@ class TrainTransform:
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         mean: Sequence[float] = CLIP_MEAN,
         std: Sequence[float] = CLIP_STD,
+        normalized: bool = True,
     ) -> None:
         self.image_size, self.scale, self.ratio = image_size, tuple(scale), tuple(ratio)
-        self.normalize = Normalize(mean, std)
+        self.mean, self.std, self.normalized = mean, std, normalized
 
     def crop_box(self, width: int, height: int, generator: torch.Generator | None = None) -> tuple[int, ...]:
         """(left, top, right, bottom) of the random crop, torchvision's RandomResizedCrop.get_params."""
@@ -138,7 +146,8 @@ class TrainTransform:
         image = to_rgb(image)
         box = self.crop_box(*image.size, generator=generator)
         size = (self.image_size, self.image_size)
-        return self.normalize(np.asarray(image.resize(size, Image.Resampling.BICUBIC, box=box)))
+        pixels = to_uint8_tensor(image.resize(size, Image.Resampling.BICUBIC, box=box))
+        return normalize(pixels, self.mean, self.std) if self.normalized else pixels
 
 
 def train_transform(
@@ -146,13 +155,18 @@ def train_transform(
     scale: tuple[float, float] = (0.9, 1.0),
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
+    normalized: bool = True,
 ) -> TrainTransform:
-    """Training augmentation: PIL image -> (3, image_size, image_size) float tensor."""
-    return TrainTransform(image_size, scale=scale, mean=mean, std=std)
+    """Training augmentation: PIL image -> (3, image_size, image_size) float tensor (uint8 unnormalised)."""
+    return TrainTransform(image_size, scale=scale, mean=mean, std=std, normalized=normalized)
 
 
 def eval_transform(
-    image_size: int, mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
+    image_size: int,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+    normalized: bool = True,
 ) -> EvalTransform:
-    """Evaluation preprocessing, equal to CLIPImageProcessorPil(shortest_edge=crop=image_size)."""
-    return EvalTransform(image_size, mean=mean, std=std)
+    """Evaluation preprocessing, equal to CLIPImageProcessorPil(shortest_edge=crop=image_size) (with
+    `normalized=False`: its uint8 crop, which `normalize` turns into exactly that)."""
+    return EvalTransform(image_size, mean=mean, std=std, normalized=normalized)

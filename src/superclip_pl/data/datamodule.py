@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from datasets.distributed import split_dataset_by_node
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from superclip_pl.data.decode import Collate, SampleDecoder
+from superclip_pl.data.build import role_stream
+from superclip_pl.data.decode import Collate
 from superclip_pl.data.loader import StreamLoader
+from superclip_pl.data.mixture import SourceCounts
 from superclip_pl.data.skips import ROLES, SkipCounts, check_skip_fraction
-from superclip_pl.data.sources import DataSource, open_source, resolve_columns, sharding_advice
+from superclip_pl.data.sources import DataSource
 from superclip_pl.data.stream import ImageTextStream
 from superclip_pl.tokenizer import load_tokenizer
-from superclip_pl.transforms import eval_transform, train_transform
+from superclip_pl.transforms import normalize
 
 # the skipped fraction is only judged after this many training samples (all ranks together)
 MIN_SAMPLES_FOR_SKIP_CHECK = 1000
@@ -30,48 +31,6 @@ def _empty_step() -> DataLoader:
     """One empty batch: Lightning skips a loop with no batches, hooks included, and the evaluation
     callbacks run at the end of the validation / test loop."""
     return DataLoader([{}], batch_size=None)
-
-
-def image_text_stream(
-    source: DataSource,
-    *,
-    image_size: int = 224,
-    training: bool = True,
-    rank: int = 0,
-    world_size: int = 1,
-    shuffle_buffer: int = 0,
-    seed: int = 0,
-    infinite: bool | None = None,
-    max_image_pixels: int = 2**25,
-    role: str = "train",
-) -> ImageTextStream:
-    """The stream of decoded samples that rank `rank` of `world_size` reads from `source`.
-
-    Opens the source and reads one example now, so that a missing path or a wrong column fails
-    here with a one-line message rather than later inside a DataLoader worker. `training` selects
-    the random-crop transform and a random caption among several; `infinite` defaults to it.
-    """
-    hf = open_source(source, role)
-    examples = iter(hf)
-    first = next(examples, None)
-    examples.close()
-    if first is None:
-        raise ValueError(f"data.{role}: {source.describe()} has no example")
-    columns = resolve_columns(list(first), source, role)
-    transform = train_transform(image_size) if training else eval_transform(image_size)
-    decoder = SampleDecoder(
-        columns, transform, max_image_pixels, random_caption=training, draft=image_size if training else None
-    )
-    ours = split_dataset_by_node(hf.select_columns(columns.all), rank=rank, world_size=world_size)
-    return ImageTextStream(
-        ours,
-        decoder,
-        shuffle_buffer=shuffle_buffer,
-        seed=seed,
-        infinite=training if infinite is None else infinite,
-        rank=rank,
-        source_shards=hf.num_shards,
-    )
 
 
 def per_device_batch_size(global_batch_size: int, world_size: int, accumulate_grad_batches: int = 1) -> int:
@@ -98,7 +57,7 @@ class ImageTextDataModule(L.LightningDataModule):
     def __init__(
         self,
         tokenizer: str,
-        train: DataSource | None = None,
+        train: DataSource | list[DataSource] | None = None,
         val: DataSource | None = None,
         test: DataSource | None = None,
         batch_size: int = 16,
@@ -110,12 +69,14 @@ class ImageTextDataModule(L.LightningDataModule):
         seed: int = 0,
         max_skip_fraction: float = 0.01,
         max_image_pixels: int = 2**25,
+        class_max_length: int | None = None,
     ) -> None:
         """Streaming image-caption pairs, tokenised, as `pixel_values` / `input_ids` / `attention_mask`.
 
         Args:
             tokenizer: tokenizer directory or hub id (e.g. openai/clip-vit-base-patch16).
-            train: training source (needed to fit); read as an endless shuffled stream.
+            train: training source (needed to fit), or a list of sources with weights drawn in
+                those proportions; read as an endless shuffled stream.
             val: validation source; read once per validation, in order. Without one, validation
                 runs a single empty step, so that evaluation callbacks still run at its end.
             test: test source for `superclip test`, read like `val` (an empty step without one).
@@ -129,6 +90,8 @@ class ImageTextDataModule(L.LightningDataModule):
             seed: seed of the shuffle and caption choice; each epoch, rank and worker derive their own.
             max_skip_fraction: stop training when more than this fraction of samples was unusable.
             max_image_pixels: skip images with more pixels than this, before decoding them.
+            class_max_length: tokens of the caption the classification targets (`class_ids`) come
+                from; None or max_length: none apart from `input_ids` (linked from the model).
         """
         super().__init__()
         self.tokenizer_name, self.train, self.val, self.test = tokenizer, train, val, test
@@ -136,6 +99,8 @@ class ImageTextDataModule(L.LightningDataModule):
         self.image_size, self.max_length = image_size, max_length
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.max_skip_fraction, self.max_image_pixels = max_skip_fraction, max_image_pixels
+        self.class_max_length = class_max_length
+        self.source_counts = SourceCounts([None])
         self.tokenizer = None  # loaded in setup()
         self.batch_size_per_device = batch_size
         self.streams: dict[str, ImageTextStream] = {}
@@ -161,8 +126,9 @@ class ImageTextDataModule(L.LightningDataModule):
             if source is None or role in self.streams:
                 continue
             training = role == "train"
-            stream = image_text_stream(
+            self.streams[role], names = role_stream(
                 source,
+                role,
                 image_size=self.image_size,
                 training=training,
                 rank=rank,
@@ -170,11 +136,10 @@ class ImageTextDataModule(L.LightningDataModule):
                 shuffle_buffer=self.shuffle_buffer if training else 0,
                 seed=self.seed,
                 max_image_pixels=self.max_image_pixels,
-                role=role,
+                num_workers=self.num_workers,
             )
-            self.streams[role] = stream
-            if advice := sharding_advice(stream.source_shards, world_size, self.num_workers):
-                rank_zero_warn(f"data.{role}: {advice}")
+            if training:
+                self.source_counts = SourceCounts(names)
 
     def _on_cuda(self) -> bool:
         """Batches go to a CUDA device (so pinned memory speeds their copy up)."""
@@ -188,8 +153,10 @@ class ImageTextDataModule(L.LightningDataModule):
             self.streams[role],
             batch_size=self.batch_size_per_device,
             num_workers=self.num_workers,
-            collate_fn=Collate(self.tokenizer, self.max_length),
+            collate_fn=Collate(self.tokenizer, self.max_length, self.class_max_length),
             pin_memory=self._on_cuda(),
+            # evaluation loaders are iterated once per validation: keep their workers between passes
+            persistent_workers=role != "train" and self.num_workers > 0,
             rank=rank,
             world_size=world_size,
             track_consumed=track_consumed,
@@ -217,7 +184,9 @@ class ImageTextDataModule(L.LightningDataModule):
         if trainer is not None and trainer.testing:
             role = "test"
         self.skips.add(role, len(batch["keys"]), skipped)
+        counts = batch.pop("counts", {})
         if role == "train":
+            self.source_counts.add(counts)
             if self._train_loader is not None:
                 self._train_loader.mark_consumed()  # this batch is about to be trained on
             last_step = 0 < trainer.max_steps <= trainer.global_step + 1
@@ -225,12 +194,20 @@ class ImageTextDataModule(L.LightningDataModule):
                 self._sync_and_check()
         return batch
 
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Normalise the uint8 images on the device they were sent to (CPU, GPU, under any strategy):
+        the workers ship a quarter of the bytes and do no float work."""
+        pixels = batch.get("pixel_values") if batch else None
+        if pixels is not None and pixels.dtype == torch.uint8:
+            batch["pixel_values"] = normalize(pixels)
+        return batch
+
     def _sync_and_check(self) -> None:
         """Sum the training counts over ranks, log them, and stop if too many samples were bad.
 
         Called by every rank on the same training batches, so the collective and the error agree.
         """
-        metrics = self.skips.sync(self.trainer.strategy)
+        metrics = self.skips.sync(self.trainer.strategy) | self.source_counts.sync(self.trainer.strategy)
         for logger in self.trainer.loggers:
             logger.log_metrics(metrics, step=self.trainer.global_step)
         seen, counts = self.skips.train_totals
@@ -246,6 +223,7 @@ class ImageTextDataModule(L.LightningDataModule):
         if self._train_loader is None:
             return {}
         mine = {"loader": self._train_loader.state_dict(), **self.skips.train_state()}
+        mine["sources"] = self.source_counts.state()
         return {"ranks": _gather(mine, self._rank_world()[1])}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -257,6 +235,7 @@ class ImageTextDataModule(L.LightningDataModule):
         """Give the training loader this rank's saved position (before it starts iterating)."""
         saved, self._resume = self._resume, None
         rank, world_size = self._rank_world()
+        names = saved[0].get("sources", {}).get("names", [None])
         if len(saved) != world_size or saved[rank]["loader"]["num_workers"] != self.num_workers:
             rank_zero_warn(
                 f"data: the checkpoint's stream positions are for {len(saved)} ranks x "
@@ -264,6 +243,13 @@ class ImageTextDataModule(L.LightningDataModule):
                 f"{self.num_workers}: the training stream restarts from its beginning"
             )
             return
+        if names != self.source_counts.names:
+            rank_zero_warn(
+                f"data: the checkpoint's stream positions are for the sources {names}, this run reads "
+                f"{self.source_counts.names}: the training stream restarts from its beginning"
+            )
+            return
         mine = saved[rank]
         self._train_loader.load_state_dict(mine["loader"])
         self.skips.load_train_state(mine)
+        self.source_counts.load_state(mine.get("sources", {}))

@@ -12,14 +12,15 @@ import json
 import os
 import warnings
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import fsspec
 import torch
 from PIL import Image
+from torch.utils.data import default_collate
 
+from superclip_pl.data.columns import Columns
 from superclip_pl.data.skips import REASONS
-from superclip_pl.data.sources import Columns
 from superclip_pl.tokenizer import tokenize
 
 # the caption fields looked up inside a JSON / dict caption
@@ -90,7 +91,7 @@ def open_image(payload: bytes | Image.Image, max_pixels: int, draft: int | None 
         return "corrupt_image"
 
 
-def sample_key(example: Mapping, columns: Columns, payload) -> str:
+def sample_key(example: Mapping, columns: Columns, cell, payload) -> str:
     """A name for the sample: webdataset shard/key, a key or id column, the image path, or a hash."""
     if example.get("__key__") is not None:
         url = example.get("__url__")
@@ -98,7 +99,6 @@ def sample_key(example: Mapping, columns: Columns, payload) -> str:
     for column in ("key", "id"):
         if column in columns.keys and example.get(column) is not None:
             return str(example[column])
-    cell = example.get(columns.image)
     if isinstance(cell, Mapping) and cell.get("path"):
         return str(cell["path"])
     if isinstance(cell, str) and cell:
@@ -107,16 +107,29 @@ def sample_key(example: Mapping, columns: Columns, payload) -> str:
     return hashlib.sha1(data).hexdigest()[:16]
 
 
+def draw(options: Sequence[tuple[str, float]], u: float) -> str:
+    """The option whose share of [0, 1) contains `u` (probabilities summing to 1)."""
+    total = 0.0
+    for option, p in options:
+        total += p
+        if u < total:
+            return option
+    return options[-1][0]  # rounding left u just above the sum
+
+
 class SampleDecoder:
-    """Raw example -> `{"key", "pixel_values", "text"}`, or the name of the reason it is skipped.
+    """Raw example -> `{"key", "pixel_values", "text", "source", "fallback"}`, or the name of the
+    reason it is skipped.
 
     Args:
-        columns: the image, caption and key columns.
-        transform: PIL image -> (3, H, W) tensor.
+        columns: the image candidates, caption columns (with probabilities) and key columns.
+        transform: PIL image -> (3, H, W) tensor (uint8 for the data module: normalised on the device).
         max_image_pixels: images with more pixels are skipped before they are decoded.
-        random_caption: pick one of several captions at random (training) instead of the first.
+        random_caption: draw the caption column (by its probability) and one of several captions at
+            random (training) instead of taking the first non-empty column's first caption.
         draft: decode JPEGs at a reduced scale that keeps at least this many pixels per side
             (training; evaluation decodes fully to match the HF image processor exactly).
+        source: the source's name, carried by each sample for the per-source counts (None: unnamed).
     """
 
     def __init__(
@@ -126,17 +139,38 @@ class SampleDecoder:
         max_image_pixels: int,
         random_caption: bool,
         draft: int | None = None,
+        source: str | None = None,
     ) -> None:
-        self.columns, self.transform, self.draft = columns, transform, draft
+        self.columns, self.transform, self.draft, self.source = columns, transform, draft, source
         self.max_image_pixels, self.random_caption = max_image_pixels, random_caption
 
-    def __call__(self, example: Mapping, choice: float = 0.0) -> dict | str:
-        """`choice` in [0, 1) picks the caption when there are several and `random_caption` is set."""
-        captions = caption_candidates(example.get(self.columns.text))
+    def caption(self, example: Mapping, u_column: float, u_caption: float) -> tuple[str | None, bool]:
+        """(caption or None, whether the drawn column was empty and another one was used)."""
+        texts = self.columns.texts
+        if not self.random_caption:  # evaluation: the first non-empty column, its first caption
+            captions = next((c for c in (caption_candidates(example.get(t)) for t, _ in texts) if c), [])
+            return (captions[0] if captions else None), False
+        column = draw(texts, u_column) if len(texts) > 1 else texts[0][0]
+        captions, fallback = caption_candidates(example.get(column)), False
+        if not captions and len(texts) > 1:
+            # the same uniform redrawn over the non-empty columns, renormalised: seeded like the first draw
+            options = [(t, p) for t, p in texts if t != column and caption_candidates(example.get(t))]
+            if options:
+                total = sum(p for _, p in options)
+                column = draw([(t, p / total) for t, p in options], u_column)
+                captions, fallback = caption_candidates(example.get(column)), True
         if not captions:
+            return None, False
+        return captions[min(int(u_caption * len(captions)), len(captions) - 1)], fallback
+
+    def __call__(self, example: Mapping, choice: Sequence[float] = (0.0, 0.0)) -> dict | str:
+        """`choice`: two uniforms in [0, 1), drawing the caption column and the caption in it."""
+        text, fallback = self.caption(example, choice[0], choice[1])
+        if text is None:
             return "empty_caption"  # checked first: cheaper than decoding an image we would drop
+        cell = next((example[c] for c in self.columns.images if example.get(c) is not None), None)
         try:
-            payload = image_payload(example.get(self.columns.image))
+            payload = image_payload(cell)
         except (OSError, ValueError):  # a path that cannot be opened
             return "missing_image"
         if payload is None:
@@ -148,26 +182,46 @@ class SampleDecoder:
             pixel_values = self.transform(image)
         except Exception:  # e.g. a mode PIL cannot convert to RGB
             return "corrupt_image"
-        text = captions[int(choice * len(captions))] if self.random_caption else captions[0]
-        return {"key": sample_key(example, self.columns, payload), "pixel_values": pixel_values, "text": text}
+        return {
+            "key": sample_key(example, self.columns, cell, payload),
+            "pixel_values": pixel_values,
+            "text": text,
+            "source": self.source,
+            "fallback": fallback,
+        }
 
 
 class Collate:
-    """Samples -> a batch with the HF names, plus `keys` and the skip counts since the last batch.
+    """Samples -> a batch with the HF names, plus `keys`, the skip counts since the last batch and
+    the per-source counts (`counts`: {source: [samples read, caption fallbacks]}).
 
-    Tokenising here, once per batch in the DataLoader worker, is much faster than per sample.
+    Tokenising here, once per batch in the DataLoader worker, is much faster than per sample; the
+    images are stacked by `default_collate`, which in a worker writes them straight into shared
+    memory (no second copy when the batch is sent to the main process).
+
+    Args:
+        tokenizer: the caption tokenizer.
+        max_length: tokens the text tower sees (`input_ids`).
+        class_max_length: tokens the classification targets come from; when it differs from
+            `max_length` the batch also carries them as `class_ids`.
     """
 
-    def __init__(self, tokenizer, max_length: int = 77) -> None:
-        self.tokenizer, self.max_length = tokenizer, max_length
+    def __init__(self, tokenizer, max_length: int = 77, class_max_length: int | None = None) -> None:
+        self.tokenizer, self.max_length, self.class_max_length = tokenizer, max_length, class_max_length
 
     def __call__(self, samples: list[dict]) -> dict:
         skipped: Counter[str] = Counter()
+        counts: dict[str | None, list[int]] = {}
         for sample in samples:
             skipped.update(sample.get("skipped", {}))
+            read = counts.setdefault(sample.get("source"), [0, 0])
+            read[0] += 1 + sum(sample.get("skipped", {}).values())
+            read[1] += int(sample.get("fallback", False))
+        texts = [s["text"] for s in samples]
         return {
-            "pixel_values": torch.stack([s["pixel_values"] for s in samples]),  # (B, 3, H, W)
-            **tokenize(self.tokenizer, [s["text"] for s in samples], self.max_length),  # (B, T) each
+            "pixel_values": default_collate([s["pixel_values"] for s in samples]),  # (B, 3, H, W)
+            **tokenize(self.tokenizer, texts, self.max_length, self.class_max_length),  # (B, T) each
             "keys": [s["key"] for s in samples],
             "skipped": {reason: skipped[reason] for reason in REASONS if skipped[reason]},
+            "counts": counts,
         }

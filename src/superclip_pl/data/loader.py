@@ -54,7 +54,10 @@ class StreamLoader(StatefulDataLoader):
 
     def _tracking(self, iterator) -> Iterator:
         for batch in iterator:
-            self._produced.append(copy.deepcopy(super().state_dict()))
+            # no copy: StatefulDataLoader builds a new snapshot dict per state (from the workers'
+            # unpickled states, or from the stream's `state_dict`, whose positions are never
+            # changed once made), so this reference stays what it was when the batch was produced
+            self._produced.append(super().state_dict())
             yield batch
 
     def mark_consumed(self) -> None:

@@ -10,30 +10,38 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from itertools import islice
 
 import datasets
+from datasets.download import DownloadConfig
 
-IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img")
-TEXT_COLUMNS = ("txt", "caption", "text", "captions")
-# columns that name a sample (webdataset's __key__ / __url__, or an id column): kept for `keys`
-KEY_COLUMNS = ("__key__", "__url__", "key", "id")
+from superclip_pl.data import tars
 
 
 @dataclass
 class DataSource:
-    """One split of an image-caption data set: `load_dataset` arguments plus column names.
+    """One split of an image-caption data set: `load_dataset` arguments, column names, and (in a
+    mixture of training sources) its name and weight.
 
     Args:
         path: `load_dataset` path: a hub id ("pixparse/cc3m-wds"), a builder ("webdataset", "parquet",
             "imagefolder") used with `data_files`, or a local directory.
         data_files: files or glob patterns, e.g. "data/shapes/train/*.tar"; a dict maps splits to them.
         split: split to read.
-        name: configuration name of a hub data set.
+        name: the source's name in logs (`data/samples_read/<name>`) and messages.
+        weight: share of the training samples drawn from this source when `data.train` lists several
+            (weights are normalised to sum 1).
+        config_name: configuration name of a hub data set (`load_dataset`'s `name`).
         data_dir: sub-directory of `path` to read.
         revision: git revision (branch, tag or commit) of a hub data set.
-        image_column: column holding the image; found among jpg, jpeg, png, webp, image, img if unset.
-        text_column: column holding the caption (a text, a list of texts, or JSON with a caption);
+        image_column: column holding the image, or a list of candidates (a sample's image is the
+            first of them it has: webdataset shards that mix .jpg, .png, .webp samples); found
+            among jpg, jpeg, png, webp, image, img if unset.
+        text_column: column holding the caption (a text, a list of texts, or JSON with a caption), or
+            several columns with the probability of drawing each per sample, e.g. {txt: 0.5,
+            recaption: 0.5} (an empty drawn column falls back to a non-empty one, and is counted);
             found among txt, caption, text, captions if unset.
     """
 
@@ -41,29 +49,31 @@ class DataSource:
     data_files: str | list[str] | dict[str, str | list[str]] | None = None
     split: str = "train"
     name: str | None = None
+    weight: float = 1.0
+    config_name: str | None = None
     data_dir: str | None = None
     revision: str | None = None
-    image_column: str | None = None
-    text_column: str | None = None
+    image_column: str | list[str] | None = None
+    text_column: str | dict[str, float] | None = None
 
     def describe(self) -> str:
         """`path=..., data_files=..., split=...`: the fields that are set, for messages."""
         return ", ".join(
-            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if getattr(self, f.name) is not None
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in fields(self)
+            if getattr(self, f.name) is not None and (f.name != "weight" or self.weight != 1.0)
         )
 
 
-@dataclass(frozen=True)
-class Columns:
-    """The columns a stream reads: image, caption, and whatever names a sample."""
+@dataclass
+class OpenedSource:
+    """A source opened for streaming: its first examples (they tell its columns), and the data set
+    restricted to the columns a stream reads (`select`)."""
 
-    image: str
-    text: str
-    keys: tuple[str, ...] = ()
-
-    @property
-    def all(self) -> list[str]:
-        return [self.image, self.text, *self.keys]
+    first: list[dict]
+    schema_less: bool  # webdataset tars: samples may differ in their fields
+    num_shards: int
+    select: Callable[[list[str]], datasets.IterableDataset]
 
 
 def _missing_local_patterns(source: DataSource) -> list[str]:
@@ -83,57 +93,34 @@ def _missing_local_patterns(source: DataSource) -> list[str]:
     ]
 
 
-def open_source(source: DataSource, role: str = "train") -> datasets.IterableDataset:
-    """Open `source` as a streaming `IterableDataset` with media decoding off (we decode ourselves,
-    so that a corrupt image is a counted skip instead of an exception inside the HF iterator)."""
+def open_source(source: DataSource, role: str = "train") -> OpenedSource:
+    """Open `source` for streaming, with media decoding off (we decode ourselves, so that a corrupt
+    image is a counted skip instead of an exception inside the HF iterator). Webdataset tars are
+    read by `tars.py` (samples may differ in their fields), everything else by HF's builders."""
     if missing := _missing_local_patterns(source):
         raise ValueError(f"data.{role}.data_files: {missing[0]!r} matches no file ({source.describe()})")
     try:
-        ds = datasets.load_dataset(
+        builder = datasets.load_dataset_builder(
             source.path,
-            name=source.name,
+            name=source.config_name,
             data_dir=source.data_dir,
             data_files=source.data_files,
-            split=source.split,
             revision=source.revision,
-            streaming=True,
         )
+        if (urls := tars.webdataset_files(builder, source.split)) is not None:
+            config = DownloadConfig(token=builder.token, storage_options=builder.storage_options)
+            first = tars.first_samples(urls, config)
+            return OpenedSource(
+                first, True, len(urls), lambda columns: tars.tar_dataset(urls, columns, config)
+            )
+        ds = builder.as_streaming_dataset(split=source.split).decode(False)
+        examples = iter(ds)
+        first = list(islice(examples, 1))
+        examples.close()
     except Exception as err:  # load_dataset raises many types; all mean "cannot open this source"
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"data.{role}: cannot open {source.describe()}: {reason}") from err
-    return ds.decode(False)
-
-
-def _find(columns: list[str], wanted: str) -> str | None:
-    """`wanted` among `columns`, exactly or else ignoring case."""
-    if wanted in columns:
-        return wanted
-    return next((c for c in columns if c.lower() == wanted.lower()), None)
-
-
-def resolve_columns(columns: list[str], source: DataSource, role: str = "train") -> Columns:
-    """Pick the image, caption and key columns among `columns`, or fail naming what exists."""
-
-    def pick(kind: str, given: str | None, candidates: tuple[str, ...]) -> str:
-        if given is not None:
-            if (found := _find(columns, given)) is None:
-                raise ValueError(
-                    f"data.{role}.{kind}_column: {given!r} is not a column of {source.describe()}; "
-                    f"columns found: {columns}"
-                )
-            return found
-        for candidate in candidates:
-            if (found := _find(columns, candidate)) is not None:
-                return found
-        raise ValueError(
-            f"data.{role}: no {kind} column in {source.describe()} (looked for {', '.join(candidates)}); "
-            f"set data.{role}.{kind}_column to one of the columns found: {columns}"
-        )
-
-    image = pick("image", source.image_column, IMAGE_COLUMNS)
-    text = pick("text", source.text_column, TEXT_COLUMNS)
-    keys = tuple(c for c in KEY_COLUMNS if c in columns and c not in (image, text))
-    return Columns(image=image, text=text, keys=keys)
+    return OpenedSource(first, False, ds.num_shards, ds.select_columns)
 
 
 def sharding_advice(num_shards: int, world_size: int, num_workers: int) -> str | None:

@@ -117,6 +117,7 @@ class ImageTextStream(torch.utils.data.IterableDataset):
         infinite: start the next epoch when the shards run out (training) instead of stopping.
         rank: this process's rank, for the RNG.
         source_shards: shards in the whole source, all ranks together (for messages).
+        source_index: the source's place in a mixture, for the RNG (sources shuffle independently).
     """
 
     def __init__(
@@ -129,20 +130,25 @@ class ImageTextStream(torch.utils.data.IterableDataset):
         infinite: bool = False,
         rank: int = 0,
         source_shards: int | None = None,
+        source_index: int = 0,
     ) -> None:
         self.hf, self.decoder, self.source_shards = hf, decoder, source_shards
+        # a single source (index 0) keeps the RNG key it always had
+        self.rng_key = (rank,) if source_index == 0 else (rank, source_index)
         self.block_size, self.shuffle = max(1, shuffle_buffer), shuffle_buffer > 1
         self.seed, self.infinite, self.rank = seed, infinite, rank
         self._start = dict(FRESH)  # where the next iteration starts (set by load_state_dict)
         self._position = dict(FRESH)  # where the current iteration is
 
     def state_dict(self) -> dict:
-        return copy.deepcopy(self._position)
+        # positions are never changed once made (each step builds a new dict, and HF's own
+        # `state_dict` is a copy), so the StatefulDataLoader can keep them without a deep copy
+        return self._position
 
     def load_state_dict(self, state: dict) -> None:
         self._start, self._position = copy.deepcopy(state), copy.deepcopy(state)
 
-    def _raw(self, epoch: int, start: dict, worker: int) -> Iterator[tuple[dict | str, float]]:
+    def _raw(self, epoch: int, start: dict, worker: int) -> Iterator[tuple[dict | str, list[float]]]:
         """(raw example or skip marker, caption choice) for the rest of `epoch` from `start`,
         updating `self._position` before each item is handed out."""
         reader = ShardReader(self.hf, epoch, start["start"])
@@ -154,15 +160,15 @@ class ImageTextStream(torch.utils.data.IterableDataset):
             if not items:
                 return
             block_end = reader.position()
-            rng = np.random.default_rng([self.seed, epoch, block, self.rank, worker])
+            rng = np.random.default_rng([self.seed, epoch, block, *self.rng_key, worker])
             order = rng.permutation(len(items)) if self.shuffle else np.arange(len(items))
-            choices = rng.random(len(items))
+            choices = rng.random((len(items), 2))  # per example: caption column, caption in it
             for j in range(emitted, len(items)):
                 if j + 1 < len(items):
                     self._position = {"epoch": epoch, "block": block, "start": block_start, "emitted": j + 1}
                 else:
                     self._position = {"epoch": epoch, "block": block + 1, "start": block_end, "emitted": 0}
-                yield items[order[j]], float(choices[order[j]])
+                yield items[order[j]], choices[order[j]].tolist()
             block, emitted = block + 1, 0
 
     def _decoded(self, start: dict, worker: int) -> Iterator[dict | str]:
