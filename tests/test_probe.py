@@ -39,7 +39,9 @@ def plain_training(x, y, classes, weight_decay, lr, epochs, batch_size, seed):
     total = epochs * len(loader)
     for epoch in range(epochs):
         for i, (xb, yb) in enumerate(loader):
-            optimizer.param_groups[0]["lr"] = 0.5 * (1 + np.cos(np.pi * (epoch * len(loader) + i) / total)) * lr
+            optimizer.param_groups[0]["lr"] = (
+                0.5 * (1 + np.cos(np.pi * (epoch * len(loader) + i) / total)) * lr
+            )
             optimizer.zero_grad()
             F.cross_entropy(model(xb), yb).backward()
             optimizer.step()
@@ -69,11 +71,12 @@ def test_a_seed_fixes_the_probe_and_the_global_rng_is_left_alone():
     assert torch.equal(a[0], b[0]) and not torch.allclose(a[0], c[0])
 
 
-def test_training_is_fp32_with_grad_inside_no_grad_and_autocast():
+def test_training_is_fp32_with_grad_inside_inference_mode_and_autocast():
     x, y = clusters(64, seed=2)
     expected = train_probes(x, y, 6, [0.1], epochs=1, seed=0)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        got = train_probes(x.bfloat16(), y, 6, [0.1], epochs=1, seed=0)
+    # as in Lightning's evaluation loops: inference mode, inference tensors, bf16 autocast
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = train_probes(x.bfloat16(), y.clone(), 6, [0.1], epochs=1, seed=0)
     assert got[0].dtype == torch.float32
     torch.testing.assert_close(got[0], expected[0], atol=1e-2, rtol=0)  # bf16 inputs, fp32 training
 

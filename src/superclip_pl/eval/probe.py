@@ -54,26 +54,32 @@ def train_probes(
 
     features (N, D) and labels (N,) on any device. Returns weights (M, C, D) and biases (M, C), fp32,
     detached, for M = len(weight_decays). Trains with autograd in fp32 whatever the caller's context
-    (``no_grad``, autocast).
+    (``inference_mode``, ``no_grad``, autocast).
     """
-    n, d = features.shape
-    device = features.device
-    g = torch.Generator().manual_seed(seed)
-    init_w = torch.empty(num_classes, d)
-    torch.nn.init.kaiming_uniform_(init_w, a=math.sqrt(5), generator=g)  # nn.Linear's init, same draws
-    bound = 1 / math.sqrt(d)
-    init_b = torch.empty(num_classes).uniform_(-bound, bound, generator=g)
-    m = len(weight_decays)
-    w = init_w.to(device).expand(m, -1, -1).clone().requires_grad_()  # (M, C, D)
-    b = init_b.to(device).expand(m, -1).clone().requires_grad_()  # (M, C)
-    decays = torch.tensor(weight_decays, dtype=torch.float64)  # (M,)
-    # AdamW decays each parameter by (1 - lr * decay) before the Adam update; the decay differs per
-    # probe, so it is applied here and the optimizer runs with none (the same arithmetic)
-    optimizer = torch.optim.AdamW([w, b], lr=lr, weight_decay=0.0)
-    x, y = features.float(), labels.to(device).long()
-    steps_per_epoch = math.ceil(n / batch_size)
-    total = epochs * steps_per_epoch
-    with torch.enable_grad(), torch.autocast(device.type, enabled=False):
+    # Lightning evaluates under inference_mode; the probe needs autograd and full precision
+    with (
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        torch.autocast(features.device.type, enabled=False),
+    ):
+        n, d = features.shape
+        device = features.device
+        g = torch.Generator().manual_seed(seed)
+        init_w = torch.empty(num_classes, d)
+        torch.nn.init.kaiming_uniform_(init_w, a=math.sqrt(5), generator=g)  # nn.Linear's init, same draws
+        bound = 1 / math.sqrt(d)
+        init_b = torch.empty(num_classes).uniform_(-bound, bound, generator=g)
+        m = len(weight_decays)
+        w = init_w.to(device).expand(m, -1, -1).clone().requires_grad_()  # (M, C, D)
+        b = init_b.to(device).expand(m, -1).clone().requires_grad_()  # (M, C)
+        decays = torch.tensor(weight_decays, dtype=torch.float64)  # (M,)
+        # AdamW decays each parameter by (1 - lr * decay) before the Adam update; the decay differs per
+        # probe, so it is applied here and the optimizer runs with none (the same arithmetic)
+        optimizer = torch.optim.AdamW([w, b], lr=lr, weight_decay=0.0)
+        # copies made here are ordinary tensors, which autograd may save (inference-mode ones it may not)
+        x, y = features.float().clone(), labels.to(device).long().clone()
+        steps_per_epoch = math.ceil(n / batch_size)
+        total = epochs * steps_per_epoch
         for epoch in range(epochs):
             _draw(g)  # a DataLoader iterator's base seed (for workers), drawn first
             order = torch.randperm(n, generator=torch.Generator().manual_seed(_draw(g))).to(device)
@@ -92,7 +98,7 @@ def train_probes(
                     w.mul_(factor[:, None, None])
                     b.mul_(factor[:, None])
                 optimizer.step()
-    return w.detach(), b.detach()
+        return w.detach(), b.detach()
 
 
 def probe_logits(weight: Tensor, bias: Tensor, features: Tensor, chunk_size: int = 65536) -> Tensor:
