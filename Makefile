@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev,demo]"
+	# CLIP_benchmark, the reference the evaluation tests compare with (tests/test_clip_benchmark.py):
+	# --no-deps, as its own dependencies pull a CUDA torch; its metrics need only scikit-learn besides
+	$(BIN)/pip install -q --no-deps "clip-benchmark==1.6.2"
+	$(BIN)/pip install -q "scikit-learn>=1.3"
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the package (torch CPU build first, then the rest)
