@@ -74,8 +74,9 @@ def train_probes(
         b = init_b.to(device).expand(m, -1).clone().requires_grad_()  # (M, C)
         decays = torch.tensor(weight_decays, dtype=torch.float64)  # (M,)
         # AdamW decays each parameter by (1 - lr * decay) before the Adam update; the decay differs per
-        # probe, so it is applied here and the optimizer runs with none (the same arithmetic)
-        optimizer = torch.optim.AdamW([w, b], lr=lr, weight_decay=0.0)
+        # probe, so it is applied here and the optimizer runs with none (the same arithmetic). Fused: one
+        # kernel per step instead of a dozen over the (M, C, D) tensor, a third of the probe's time
+        optimizer = torch.optim.AdamW([w, b], lr=lr, weight_decay=0.0, fused=True)
         # copies made here are ordinary tensors, which autograd may save (inference-mode ones it may not)
         x, y = features.float().clone(), labels.to(device).long().clone()
         steps_per_epoch = math.ceil(n / batch_size)
@@ -87,10 +88,12 @@ def train_probes(
                 step_lr = float(0.5 * (1 + np.cos(np.pi * (epoch * steps_per_epoch + i) / total)) * lr)
                 optimizer.param_groups[0]["lr"] = step_lr
                 idx = order[i * batch_size : (i + 1) * batch_size]
-                # (M, B, C): every probe on the same batch
-                logits = torch.baddbmm(b[:, None, :], x[idx].expand(m, -1, -1), w.transpose(1, 2))
+                # every probe on the same batch in one matrix product: (B, D) x (D, M * C) -> (B * M, C);
+                # for one probe this is F.linear, as nn.Linear computes it
+                logits = torch.addmm(b.flatten(), x[idx], w.flatten(0, 1).t()).view(-1, num_classes)
                 # the sum over probes of each one's mean loss: each probe gets its own gradient
-                loss = F.cross_entropy(logits.flatten(0, 1), y[idx].repeat(m), reduction="sum") / len(idx)
+                target = y[idx].repeat_interleave(m)  # (B * M,) row b * M + p is probe p on sample b
+                loss = F.cross_entropy(logits, target, reduction="sum") / len(idx)
                 optimizer.zero_grad()
                 loss.backward()
                 with torch.no_grad():
