@@ -104,9 +104,9 @@ def train_probes(
         return w.detach(), b.detach()
 
 
-def probe_logits(weight: Tensor, bias: Tensor, features: Tensor, chunk_size: int = 65536) -> Tensor:
-    """Logits (N, C) of one probe, weight (C, D) and bias (C,), on features (N, D), in chunks of rows."""
-    return torch.cat([torch.addmm(bias, x.float(), weight.t()) for x in features.split(chunk_size)])  # (N, C)
+def probe_logits(weight: Tensor, bias: Tensor, features: Tensor) -> Tensor:
+    """Logits (N, C) of one probe, weight (C, D) and bias (C,), on features (N, D)."""
+    return torch.addmm(bias, features.float(), weight.t())
 
 
 def search_weight_decay(
