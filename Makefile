@@ -4,9 +4,11 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 REFS    := $(VENV)/.test-references
-# reference implementations the tests compare against, installed without their dependencies (which
-# would replace the CPU torch with a CUDA build and add torchvision, which cannot load beside it)
-TEST_REFERENCES := open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 timm==1.0.31
+# reference implementations the tests compare against (open_clip for the checkpoint interop,
+# CLIP_benchmark for the evaluation numbers), installed without their dependencies, which would
+# replace the CPU torch with a CUDA build and add torchvision, which cannot load beside it;
+# CLIP_benchmark's metrics need only scikit-learn besides
+TEST_REFERENCES := open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.9.4 timm==1.0.31 clip-benchmark==1.6.2
 TORCH   ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
@@ -26,6 +28,7 @@ $(STAMP): pyproject.toml
 
 $(REFS): $(STAMP) Makefile
 	$(BIN)/pip install -q --no-deps $(TEST_REFERENCES)
+	$(BIN)/pip install -q "scikit-learn>=1.3"
 	touch $(REFS)
 
 install: $(STAMP) $(REFS)  ## create .venv and install the package (torch CPU build first, then the rest)

@@ -29,7 +29,14 @@ import time
 import traceback
 from pathlib import Path
 
-BENCHMARKS = ["head_overhead", "class_loss", "lightning_overhead", "eval_throughput", "data_pipeline"]
+BENCHMARKS = [
+    "head_overhead",
+    "class_loss",
+    "lightning_overhead",
+    "eval_throughput",
+    "data_pipeline",
+    "linear_probe",
+]
 HERE = Path(__file__).resolve().parent
 OUTPUT = HERE.parent / "outputs" / "bench" / "results.json"
 OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}

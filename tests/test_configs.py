@@ -141,3 +141,47 @@ def test_mixed_captions_recipe_parses_into_weighted_sources(tokenizer_dir, tmp_p
     assert train[1].text_column == {"txt": 0.5, "re_caption.txt": 0.5}
     assert train[0].image_column == ["jpg", "png", "webp"]
     assert cli.model.hparams.class_max_length == 128 == cli.datamodule.class_max_length
+
+
+EVAL_FRAGMENTS = sorted((CONFIGS / "eval").glob("*.yaml"))
+# DataComp's main metric per set where it is not top-1 (mlfoundations/datacomp tasklist.yml)
+DATACOMP_NOT_TOP1 = {
+    "caltech101": "mean_per_class_recall",
+    "fgvc_aircraft": "mean_per_class_recall",
+    "flowers": "mean_per_class_recall",
+    "pets": "mean_per_class_recall",
+    "flickr30k": "mean_R@1",
+    "mscoco": "mean_R@1",
+}
+
+
+@pytest.mark.parametrize("fragment", EVAL_FRAGMENTS, ids=lambda p: p.name)
+def test_eval_fragments_replace_the_run_callbacks_with_their_sets(
+    fragment, tokenizer_dir, tmp_path, monkeypatch
+):
+    from superclip_pl.eval.evaluation import SetEvaluation
+
+    monkeypatch.chdir(tmp_path)
+    debug = CONFIGS / "debug.yaml"
+    cli = main(["--config", str(debug), "--config", str(fragment), *offline(debug, tokenizer_dir)], run=False)
+    evaluations = [c for c in cli.trainer.callbacks if isinstance(c, SetEvaluation)]
+    listed = yaml.safe_load(fragment.read_text())["trainer"]["callbacks"]
+    assert [(c.name, c.root) for c in evaluations] == [
+        (spec["init_args"]["name"], spec["init_args"]["root"]) for spec in listed
+    ]
+    assert len({c.name for c in evaluations}) == len(evaluations)
+    assert all(c.root.startswith(("clip-benchmark/wds_", "djghosh/wds_")) for c in evaluations)
+
+
+def test_the_datacomp_suite_scores_each_set_as_datacomp_does(tokenizer_dir, tmp_path, monkeypatch):
+    from superclip_pl import ZeroShotRetrieval
+
+    monkeypatch.chdir(tmp_path)
+    debug = CONFIGS / "debug.yaml"
+    suite = CONFIGS / "eval" / "datacomp.yaml"
+    cli = main(["--config", str(debug), "--config", str(suite), *offline(debug, tokenizer_dir)], run=False)
+    evaluations = {c.name: c for c in cli.trainer.callbacks if hasattr(c, "main_metric")}
+    assert len(evaluations) == 33 and {"imagenet1k", "mscoco", "flickr30k"} <= set(evaluations)
+    for name, c in evaluations.items():
+        assert c.main_metric == DATACOMP_NOT_TOP1.get(name, "top1"), name
+        assert isinstance(c, ZeroShotRetrieval) == (name in ("flickr30k", "mscoco"))

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
-from superclip_pl.eval.callbacks import SetEvaluation
+from superclip_pl.eval.evaluation import SetEvaluation
+from superclip_pl.eval.results import write_results
 from superclip_pl.module import LitSuperCLIP
 
 
@@ -37,6 +38,8 @@ class SuperCLIPCLI(LightningCLI):
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         print(f"metrics written to {log_dir / 'metrics.json'}")
+        for path in write_results(log_dir, [c for c in trainer.callbacks if isinstance(c, SetEvaluation)]):
+            print(f"results written to {path}")
 
     def _stale_evaluation(self) -> int | None:
         """The step of the last evaluation during fit when it is not the final step (a validation

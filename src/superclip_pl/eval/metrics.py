@@ -13,6 +13,17 @@ positive, so ties count against the model. The two agree whenever scores are dis
 collapsed model (all features equal) scores 0 instead of whatever ``topk`` happens to return.
 A NaN positive score is a miss.
 
+What torchmetrics does: the counting of classification metrics (``multiclass_accuracy``,
+``multiclass_recall``). What stays ours, and why: the ranking. torchmetrics ranks with
+``torch.topk`` / ``argmax`` (a collapsed model gets top-1 1/C, the first class winning every tie)
+and cannot make a NaN score a miss at K >= C; so each sample's rank is computed here and torchmetrics
+is given *answers*: the label when the sample is a hit at K under the rule above, otherwise an extra
+"no answer" class C that no label has. Mean per-class recall averages over the classes present in
+the labels (sklearn's ``balanced_accuracy_score``, as CLIP_benchmark reports it), where torchmetrics'
+``average="macro"`` would also count classes that were only predicted. Retrieval recall@K stays ours
+too: torchmetrics' ``RetrievalHitRate`` ranks with ``topk`` and keeps every query's whole score row
+(images x captions, 125M for COCO) until it computes, where here queries are scored in chunks.
+
 Distributed evaluation: each rank encodes a disjoint shard of the set and records every sample's
 global index; after an all-gather, :func:`unique_rows` drops padding (index < 0) and any sample seen
 twice, so nothing is counted twice whatever the sampler did.
@@ -25,6 +36,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_recall
 
 # Written for this project, in the spirit of CLIP's prompt ensembles; used when a set ships none.
 DEFAULT_TEMPLATES: list[str] = [
@@ -107,12 +119,17 @@ def classification_metrics(logits: Tensor, labels: Tensor, topk: Sequence[int] =
         )
     positive = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, labels[:, None], True)  # (N, C)
     rank = _negatives_ahead(logits.float(), positive)  # (N,)
-    out = {f"top{k}": (rank < min(k, c)).float().mean().item() for k in topk}
-    correct = (rank == 0).float()
-    per_class = torch.bincount(labels, minlength=c).float()  # (C,)
-    hits = torch.bincount(labels, weights=correct, minlength=c)  # (C,)
-    present = per_class > 0
-    out["mean_per_class_recall"] = (hits[present] / per_class[present]).mean().item()
+
+    def answers(k: int) -> Tensor:  # (N,) the label where it is a hit at k, else the "no answer" class C
+        return torch.where(rank < min(k, c), labels, c)
+
+    out = {
+        f"top{k}": multiclass_accuracy(answers(k), labels, num_classes=c + 1, average="micro").item()
+        for k in topk
+    }
+    recall = multiclass_recall(answers(1), labels, num_classes=c + 1, average="none")  # (C + 1,)
+    present = torch.bincount(labels, minlength=c + 1) > 0  # (C + 1,); never the "no answer" class
+    out["mean_per_class_recall"] = recall[present].mean().item()
     return out
 
 
