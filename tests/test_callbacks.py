@@ -293,7 +293,7 @@ def test_validate_writes_every_metric_to_metrics_json_and_prints_one_table(
         },
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    main(["validate", "--config", str(tmp_path / "config.yaml"), "--ckpt_path", world.ckpt])
+    assert main(["validate", "--config", str(tmp_path / "config.yaml"), "--ckpt_path", world.ckpt]) == 0
 
     written = json.loads(next(tmp_path.rglob("metrics.json")).read_text())
     assert {k: written[k] for k in CONTRACT_KEYS} == pytest.approx(

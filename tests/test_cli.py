@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from superclip_pl.cli import main
+from superclip_pl.cli import build_cli, main
 from superclip_pl.shapes import ablation, dataset, demo
 from superclip_pl.shapes.runs import SHAPES_METRICS
 
@@ -64,7 +65,7 @@ def debug_fit(steps: int, val_every: int, *extra: str) -> list[str]:
 def test_debug_fit_then_validate_and_test(shapes, monkeypatch):
     monkeypatch.chdir(shapes)
     shutil.rmtree("outputs", ignore_errors=True)
-    fit = main(debug_fit(24, 24))
+    fit = build_cli(debug_fit(24, 24))
     log_dir = Path(fit.trainer.log_dir)
     assert (log_dir / "config.yaml").exists()  # the resolved config, to rerun exactly
     ckpt = log_dir / "checkpoints" / "last.ckpt"
@@ -79,7 +80,7 @@ def test_debug_fit_then_validate_and_test(shapes, monkeypatch):
     assert json.loads((log_dir / "metrics.json").read_text())["zeroshot/shape/top1"] >= 0
 
     for stage in ("validate", "test"):
-        run = main(
+        run = build_cli(
             [
                 stage,
                 "--config",
@@ -103,7 +104,7 @@ def test_fit_evaluates_and_saves_the_final_model_when_the_intervals_stop_short_o
     """Validation (and so checkpoints) every 10 steps of a 24-step run: evaluations at 10 and 20, and
     one more at 24, so metrics.json never holds the numbers of an earlier model; last.ckpt is step 24."""
     monkeypatch.chdir(shapes)
-    fit = main(debug_fit(24, 10, "--trainer.logger.init_args.save_dir", "outputs/short_interval"))
+    fit = build_cli(debug_fit(24, 10, "--trainer.logger.init_args.save_dir", "outputs/short_interval"))
     log_dir = Path(fit.trainer.log_dir)
     events = EventAccumulator(str(log_dir))
     events.Reload()
@@ -146,20 +147,11 @@ def test_ddp_fit_through_the_entry_point_ends_with_the_final_model(shapes, tmp_p
 
 def test_wrong_column_fails_at_once_with_the_choices(shapes, monkeypatch, capsys):
     monkeypatch.chdir(shapes)
-    with pytest.raises(ValueError, match=r"image_column='jpeg'.*png"):
-        main(
-            [
-                "fit",
-                "--config",
-                str(CONFIGS / "debug.yaml"),
-                "--data.train.image_column",
-                "jpeg",
-                "--trainer.logger",
-                "false",
-                "--trainer.enable_progress_bar",
-                "false",
-            ]
-        )
+    args = ["fit", "--config", str(CONFIGS / "debug.yaml"), "--data.train.image_column", "jpeg"]
+    assert main([*args, "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert re.search(r"^superclip fit: error: .*image_column='jpeg'.*png", err)
 
 
 @pytest.mark.slow

@@ -17,9 +17,9 @@ from torch.utils.data import DataLoader
 from transformers import AutoImageProcessor, AutoProcessor, CLIPModel, CLIPProcessor, pipeline
 
 from conftest import COLOURS, MICRO, SHAPES, quiet_trainer
-from superclip_pl.cli import main as cli_main
+from superclip_pl.cli import main
 from superclip_pl.eval.metrics import build_classifier
-from superclip_pl.export import export_checkpoint, main
+from superclip_pl.export import export_checkpoint
 from superclip_pl.model import MAX_LOGIT_SCALE
 from superclip_pl.module import LitSuperCLIP
 from superclip_pl.tokenizer import tokenize
@@ -207,19 +207,15 @@ def test_real_fsdp2_checkpoint_exports_and_loads(tmp_path, tokenizer_dir):
 
 
 def test_cli_help_explains_the_export(capsys):
-    with pytest.raises(SystemExit) as exit_:
-        cli_main(["export", "--help"])
-    assert exit_.value.code == 0
+    assert main(["export", "--help"]) == 0
     text = capsys.readouterr().out
     assert "--ckpt_path" in text and "--output_dir" in text and "bfloat16" in text and "--overwrite" in text
 
 
 def one_line_error(capsys, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    assert exit_.value.code == 1
+    assert main(["export", *argv]) == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err
+    assert "\n" not in err and "Traceback" not in err and err.startswith("superclip export: error: ")
     return err
 
 
@@ -247,12 +243,13 @@ def test_bad_input_fails_in_one_clear_line(run, tmp_path, capsys, tokenizer_dir)
     torch.save(state, moved)
     err = one_line_error(capsys, ["--ckpt_path", str(moved), *out])
     assert "gone" in err and "pass --tokenizer" in err
-    assert main(["--ckpt_path", str(moved), *out, "--tokenizer", tokenizer_dir]).is_dir()
+    assert main(["export", "--ckpt_path", str(moved), *out, "--tokenizer", tokenizer_dir]) == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file()
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep.txt").write_text("mine")
     err = one_line_error(capsys, ["--ckpt_path", str(ckpt), "--output_dir", str(full)])
     assert "exists and is not empty" in err and "--overwrite" in err
     assert not (full / "model.safetensors").exists()
-    assert main(["--ckpt_path", str(ckpt), "--output_dir", str(full), "--overwrite"]) == full
+    assert main(["export", "--ckpt_path", str(ckpt), "--output_dir", str(full), "--overwrite"]) == 0
     assert (full / "model.safetensors").is_file() and (full / "keep.txt").read_text() == "mine"

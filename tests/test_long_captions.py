@@ -74,14 +74,14 @@ def test_the_module_counts_and_targets_the_class_ids(tokenizer_dir, batch):
 def test_class_max_length_is_linked_from_the_model_to_the_data(tokenizer_dir, tmp_path, monkeypatch):
     from pathlib import Path
 
-    from superclip_pl.cli import main
+    from superclip_pl.cli import build_cli
 
     monkeypatch.chdir(tmp_path)
     debug = Path(__file__).resolve().parent.parent / "configs" / "debug.yaml"
     args = ["--config", str(debug), "--data.init_args.tokenizer", tokenizer_dir]
-    cli = main([*args, "--model.class_max_length", "200"], run=False)
+    cli = build_cli([*args, "--model.class_max_length", "200"], run=False)
     assert cli.model.hparams.class_max_length == 200 == cli.datamodule.class_max_length
-    assert main(args, run=False).datamodule.class_max_length is None
+    assert build_cli(args, run=False).datamodule.class_max_length is None
 
 
 # ---------------------------------------------------------------- normalisation on the device

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from conftest import COLOURS, MICRO, SHAPES
 from openclip_models import GLOBAL_BATCH, TextDecoder, build, model_cfg, reference_idf, save_as_reference
 from openclip_ref import open_clip
-from superclip_pl.cli import main
+from superclip_pl.cli import build_cli, main
 from superclip_pl.clipdir import HEAD_FILE, read_extras
 from superclip_pl.losses import DocumentFrequency, classification_loss
 from superclip_pl.model import SuperCLIP
@@ -26,7 +26,7 @@ def test_our_checkpoint_exported_for_open_clip_computes_what_we_compute(tmp_path
     module = fit_and_save(tokenizer_dir, tokenizer, tmp_path / "run.ckpt").eval()
     out = tmp_path / "open_clip"
     assert main(["export", "--ckpt_path", str(tmp_path / "run.ckpt"), "--output_dir", str(out),
-                 "--format", "open_clip", "--idf_batch_size", "8"]) is None  # fmt: skip
+                 "--format", "open_clip", "--idf_batch_size", "8"]) == 0  # fmt: skip
     oc = open_clip()
     model, _, _ = oc.create_model_and_transforms(f"local-dir:{out}")
     model.eval()
@@ -79,7 +79,7 @@ def test_siglip_model_exported_for_open_clip_keeps_its_logit_bias(tmp_path, toke
                 "open_clip",
             ]
         )
-        is None
+        == 0
     )
     model, _, _ = open_clip().create_model_and_transforms(f"local-dir:{out}")
     assert float(model.logit_bias) == -7.5 and not (out / "text_decoder.safetensors").exists()  # no head
@@ -92,12 +92,12 @@ def test_import_export_import_gives_identical_tensors(tmp_path):
     cfg.write_text(json.dumps(model_cfg(True)))
     first, exported, second = tmp_path / "first", tmp_path / "exported", tmp_path / "second"
     args = ["--model_config", str(cfg), "--idf_batch_size", str(GLOBAL_BATCH)]
-    assert main(["import", "--ckpt_path", str(ckpt), "--output_dir", str(first), *args]) is None
+    assert main(["import", "--ckpt_path", str(ckpt), "--output_dir", str(first), *args]) == 0
     assert (
         main(["export", "--ckpt_path", str(first), "--output_dir", str(exported), "--format", "open_clip"])
-        is None
+        == 0
     )
-    assert main(["import", "--ckpt_path", str(exported), "--output_dir", str(second)]) is None
+    assert main(["import", "--ckpt_path", str(exported), "--output_dir", str(second)]) == 0
     for name in ("model.safetensors", HEAD_FILE):
         a, b = load_file(first / name), load_file(second / name)
         assert set(a) == set(b)
@@ -147,10 +147,10 @@ def test_imported_superclip_fine_tunes_with_its_head_and_counts(shapes, tmp_path
     cfg.write_text(json.dumps(model_cfg(False)))
     backbone = str(tmp_path / "backbone")
     args = ["--model_config", str(cfg), "--idf_batch_size", str(GLOBAL_BATCH)]
-    assert main(["import", "--ckpt_path", str(ckpt), "--output_dir", backbone, *args]) is None
+    assert main(["import", "--ckpt_path", str(ckpt), "--output_dir", backbone, *args]) == 0
     monkeypatch.chdir(shapes)
     FirstStep.seen.clear()
-    fit = main(
+    fit = build_cli(
         debug_fit(3, 3, "--model.backbone", backbone, "--model.backbone_config", "null",
                   "--data.tokenizer", backbone, "--trainer.callbacks+=test_openclip_export.FirstStep")
     )  # fmt: skip
@@ -175,4 +175,4 @@ def test_imported_superclip_fine_tunes_with_its_head_and_counts(shapes, tmp_path
     assert int(fit.model.doc_freq.num_docs) == 12 + 3 * 8  # counting went on from the imported counts
     ckpt_dir = Path(fit.trainer.log_dir) / "checkpoints" / "last.ckpt"
     assert main(["export", "--ckpt_path", str(ckpt_dir), "--output_dir", str(tmp_path / "again"),
-                 "--format", "open_clip"]) is None  # fmt: skip
+                 "--format", "open_clip"]) == 0  # fmt: skip

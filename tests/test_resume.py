@@ -279,7 +279,7 @@ def test_superclip_fit_resumes_exactly_through_the_cli(tmp_path, bad_shards, tok
     import yaml
 
     from conftest import MICRO
-    from superclip_pl.cli import main
+    from superclip_pl.cli import build_cli
 
     config = {
         "model": {"backbone_config": MICRO, "warmup_steps": 0},
@@ -315,7 +315,7 @@ def test_superclip_fit_resumes_exactly_through_the_cli(tmp_path, bad_shards, tok
     def fit(run: str, max_steps: int, ckpt_path=None) -> list[str]:
         args = ["--config", str(tmp_path / "config.yaml"), "--trainer.max_steps", str(max_steps)]
         args += ["--trainer.default_root_dir", str(tmp_path / run)]
-        cli = main(args, run=False)
+        cli = build_cli(args, run=False)
         assert cli.datamodule.image_size == 16  # linked from the backbone
         keys = KeysSeen()
         cli.trainer.callbacks.append(keys)

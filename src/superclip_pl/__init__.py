@@ -1,16 +1,31 @@
-"""superclip-pl: SuperCLIP (CLIP + a vocabulary classifier on the image tower) with PyTorch Lightning."""
+"""superclip-pl: SuperCLIP (CLIP + a vocabulary classifier on the image tower) with PyTorch Lightning.
 
-from superclip_pl.data import ImageTextDataModule
-from superclip_pl.eval import HeadPredictions, LinearProbe, ZeroShotClassification, ZeroShotRetrieval
-from superclip_pl.model import SuperCLIP
-from superclip_pl.module import LitSuperCLIP
+The names below are imported on first use, so that `superclip --help` and `superclip export` start
+without importing Lightning and transformers.
+"""
 
-__all__ = [
-    "HeadPredictions",
-    "ImageTextDataModule",
-    "LinearProbe",
-    "LitSuperCLIP",
-    "SuperCLIP",
-    "ZeroShotClassification",
-    "ZeroShotRetrieval",
-]
+from importlib import import_module
+
+_WHERE = {
+    "HeadPredictions": "superclip_pl.eval",
+    "ImageTextDataModule": "superclip_pl.data",
+    "DataSource": "superclip_pl.data",
+    "LinearProbe": "superclip_pl.eval",
+    "LitSuperCLIP": "superclip_pl.module",
+    "SuperCLIP": "superclip_pl.model",
+    "ZeroShotClassification": "superclip_pl.eval",
+    "ZeroShotRetrieval": "superclip_pl.eval",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'superclip_pl' has no attribute {name!r}")
+    value = getattr(import_module(_WHERE[name]), name)
+    globals()[name] = value  # imported once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_WHERE])

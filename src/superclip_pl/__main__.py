@@ -1,3 +1,5 @@
+import sys
+
 from superclip_pl.cli import main
 
-main()
+sys.exit(main())

@@ -14,7 +14,6 @@ checked key by key and shape by shape against the ``CLIPConfig`` rebuilt from th
 
 from __future__ import annotations
 
-import argparse
 import pickle
 import warnings
 import zipfile
@@ -207,64 +206,3 @@ def export_checkpoint(
         )
     card = model_card(Path(ckpt_path), hparams, rest, state_dict, config, dtype)
     return write_clip_dir(out, weights, config, tok, card, DTYPES[dtype])
-
-
-def main(argv: list[str] | None = None) -> Path:
-    """``superclip export ARGS``: ``argv`` are the arguments after ``export`` (default ``sys.argv[1:]``)."""
-    parser = argparse.ArgumentParser(
-        prog="superclip export",
-        description=(
-            "Export a SuperCLIP checkpoint as a transformers CLIPModel directory (safetensors weights "
-            "without the training-only vocabulary head, config.json, tokenizer, image processor, "
-            "model card) that transformers.pipeline('zero-shot-image-classification', model=DIR) "
-            "and CLIPModel.from_pretrained(DIR) load offline, and that `backbone: DIR` fine-tunes from."
-        ),
-    )
-    parser.add_argument(
-        "--ckpt_path",
-        required=True,
-        help="Lightning .ckpt file of LitSuperCLIP, or the checkpoint directory of an FSDP2 run",
-    )
-    parser.add_argument("--output_dir", required=True, help="directory to write (must be new or empty)")
-    parser.add_argument(
-        "--dtype",
-        default="float32",
-        choices=sorted(DTYPES),
-        help="dtype of the saved weights (default float32)",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
-    parser.add_argument(
-        "--tokenizer",
-        default=None,
-        help="tokenizer directory or hub id, if the one recorded in the checkpoint has moved",
-    )
-    parser.add_argument(
-        "--format",
-        default="hf",
-        choices=FORMATS,
-        help="hf: a transformers CLIPModel directory (default); open_clip: open_clip_config.json + "
-        "open_clip_model.safetensors (+ the head as text_decoder.safetensors) for "
-        "open_clip.create_model_and_transforms('local-dir:DIR'); --ckpt_path may then be an HF "
-        "directory of ours (superclip export / import)",
-    )
-    parser.add_argument(
-        "--idf_batch_size",
-        type=int,
-        default=None,
-        help="open_clip format: global batch size the reference's cap_fq/num_samples are written at",
-    )
-    args = parser.parse_args(argv)
-    try:
-        out = export_checkpoint(
-            args.ckpt_path,
-            args.output_dir,
-            args.dtype,
-            args.overwrite,
-            args.tokenizer,
-            args.format,
-            args.idf_batch_size,
-        )
-    except (ValueError, OSError) as err:
-        parser.exit(1, f"superclip export: error: {err}\n")
-    print(f"exported {args.ckpt_path} to {out}")
-    return out

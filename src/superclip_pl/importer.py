@@ -11,7 +11,6 @@ counts of a SuperCLIP checkpoint in ``superclip_head.safetensors``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import pickle
@@ -32,10 +31,11 @@ from superclip_pl.openclip_config import check_model_cfg, infer_model_cfg, load_
 from superclip_pl.tokenizer import load_tokenizer
 from superclip_pl.transforms import CLIP_MEAN, CLIP_STD
 
+PAPER_BATCH = 16384  # the global batch of the released SuperCLIP runs (paper, configs/*_bs16k.yaml)
+
 CONFIG_FILE = "open_clip_config.json"
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
 HEAD_FILE = "text_decoder.safetensors"  # the reference-named head beside an open_clip export
-PAPER_BATCH = 16384  # the global batch of the released SuperCLIP runs (paper, configs/*_bs16k.yaml)
 
 
 @dataclass
@@ -241,55 +241,4 @@ def import_checkpoint(
     std = imp.preprocess_cfg.get("std", CLIP_STD)
     write_clip_dir(out, imp.weights, imp.config, imp.tokenizer, model_card(imp), head=imp.head,
                    doc_freq=imp.doc_freq, mean=mean, std=std, idf_batch_size=imp.idf_batch_size)  # fmt: skip
-    return out
-
-
-def main(argv: list[str] | None = None) -> Path:
-    """``superclip import ARGS``: ``argv`` are the arguments after ``import``."""
-    parser = argparse.ArgumentParser(
-        prog="superclip import",
-        description=(
-            "Import an open_clip or reference SuperCLIP checkpoint as a transformers CLIPModel directory "
-            "that `superclip fit --model.backbone DIR` fine-tunes from (with the SuperCLIP head and its "
-            "IDF counts), `superclip export` and transformers.pipeline load."
-        ),
-    )
-    parser.add_argument(
-        "--ckpt_path",
-        required=True,
-        help="checkpoint file (.pt/.bin/.safetensors), open_clip directory, hub ORG/REPO or ORG/REPO/FILE",
-    )
-    parser.add_argument("--output_dir", required=True, help="directory to write (must be new or empty)")
-    parser.add_argument(
-        "--model_config",
-        default=None,
-        help="open_clip model config: JSON file or a name (SuperCLIP-ViT-B-16, ViT-B-16-quickgelu, ...); "
-        "default: open_clip_config.json beside the weights, else read from the tensors' shapes (GELU)",
-    )
-    parser.add_argument(
-        "--tokenizer",
-        default=None,
-        help="tokenizer dir, hub id or bpe_simple_vocab_16e6.txt.gz (default: open_clip_torch's CLIP BPE)",
-    )
-    parser.add_argument(
-        "--idf_batch_size",
-        type=int,
-        default=None,
-        help=f"the run's global batch size, to turn cap_fq/num_samples into counts (default {PAPER_BATCH})",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
-    args = parser.parse_args(argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        out = import_checkpoint(
-            args.ckpt_path,
-            args.output_dir,
-            args.model_config,
-            args.tokenizer,
-            args.idf_batch_size,
-            args.overwrite,
-        )
-    except (ValueError, OSError) as err:
-        parser.exit(2, f"superclip import: error: {err}\n")
-    print(f"imported {args.ckpt_path} to {out}")
     return out

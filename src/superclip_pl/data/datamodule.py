@@ -8,49 +8,36 @@ summarised at the end, and the run stops when more than `max_skip_fraction` of s
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from superclip_pl.data.build import role_stream
+from superclip_pl.data.checks import as_source, check_numbers
 from superclip_pl.data.decode import Collate
 from superclip_pl.data.loader import StreamLoader
 from superclip_pl.data.mixture import SourceCounts
-from superclip_pl.data.skips import ROLES, SkipCounts, check_skip_fraction
+from superclip_pl.data.ranks import gather, per_device_batch_size
+from superclip_pl.data.skips import ROLES, SkipCounts, skip_problem
 from superclip_pl.data.sources import DataSource
 from superclip_pl.data.stream import ImageTextStream
+from superclip_pl.errors import BadDataStop
 from superclip_pl.tokenizer import load_tokenizer
 from superclip_pl.transforms import normalize
 
-# the skipped fraction is only judged after this many training samples (all ranks together)
+# the skipped fraction stops a run only after this many training samples (all ranks together); a
+# warning says so as soon as WARN_AFTER_SAMPLES show a fraction above the limit
 MIN_SAMPLES_FOR_SKIP_CHECK = 1000
+WARN_AFTER_SAMPLES = 100
 
 
 def _empty_step() -> DataLoader:
     """One empty batch: Lightning skips a loop with no batches, hooks included, and the evaluation
     callbacks run at the end of the validation / test loop."""
     return DataLoader([{}], batch_size=None)
-
-
-def per_device_batch_size(global_batch_size: int, world_size: int, accumulate_grad_batches: int = 1) -> int:
-    """global = per-device x world_size x accumulate_grad_batches, or a clear error."""
-    per_step = world_size * accumulate_grad_batches
-    if global_batch_size % per_step:
-        raise ValueError(
-            f"data.global_batch_size={global_batch_size} is not divisible by world_size={world_size} x "
-            f"accumulate_grad_batches={accumulate_grad_batches}; use a multiple of {per_step}"
-        )
-    return global_batch_size // per_step
-
-
-def _gather(obj, world_size: int) -> list:
-    """`obj` from every rank (rank order); must be called by all ranks together."""
-    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-        out = [None] * world_size
-        torch.distributed.all_gather_object(out, obj)
-        return out
-    return [obj]
 
 
 class ImageTextDataModule(L.LightningDataModule):
@@ -63,8 +50,8 @@ class ImageTextDataModule(L.LightningDataModule):
         batch_size: int = 16,
         global_batch_size: int | None = None,
         num_workers: int = 2,
-        image_size: int = 224,
-        max_length: int = 77,
+        image_size: int | None = None,
+        max_length: int | None = None,
         shuffle_buffer: int = 1000,
         seed: int = 0,
         max_skip_fraction: float = 0.01,
@@ -84,8 +71,10 @@ class ImageTextDataModule(L.LightningDataModule):
             global_batch_size: samples per optimizer step over all devices; the per-device batch is
                 global_batch_size / (world_size x accumulate_grad_batches).
             num_workers: DataLoader worker processes per device; shards are split over them.
-            image_size: side of the square images fed to the model.
-            max_length: longest caption in tokens (CLIP: 77); longer ones are cut, keeping EOS.
+            image_size: side of the square images fed to the model; None: the model's (in `setup`),
+                else 224 (the CLI links it from `model.image_size`).
+            max_length: longest caption in tokens (CLIP: 77); longer ones are cut, keeping EOS; None:
+                the model's `max_length` (in `setup`), else 77.
             shuffle_buffer: training samples shuffled together per block (per worker); 0 = stream order.
             seed: seed of the shuffle and caption choice; each epoch, rank and worker derive their own.
             max_skip_fraction: stop training when more than this fraction of samples was unusable.
@@ -94,6 +83,12 @@ class ImageTextDataModule(L.LightningDataModule):
                 from; None or max_length: none apart from `input_ids` (linked from the model).
         """
         super().__init__()
+        check_numbers(locals())
+        if isinstance(train, list):
+            train = [as_source(f"train[{i}]", s) for i, s in enumerate(train)]
+        else:
+            train = as_source("train", train)
+        val, test = as_source("val", val), as_source("test", test)
         self.tokenizer_name, self.train, self.val, self.test = tokenizer, train, val, test
         self.batch_size, self.global_batch_size, self.num_workers = batch_size, global_batch_size, num_workers
         self.image_size, self.max_length = image_size, max_length
@@ -107,11 +102,24 @@ class ImageTextDataModule(L.LightningDataModule):
         self.skips = SkipCounts()
         self._train_loader: StreamLoader | None = None
         self._resume: list[dict] | None = None
+        self._warned = False  # the early warning about bad samples was given
 
     def _rank_world(self) -> tuple[int, int]:
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
 
+    def _sizes_from_the_model(self) -> None:
+        """Image size, caption length and classification length left unset: the model's (the Python
+        API, where no CLI links them), else CLIP's 224 px and 77 tokens."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        if self.image_size is None:
+            self.image_size = getattr(model, "image_size", None) or 224
+        if self.max_length is None:
+            self.max_length = getattr(model, "max_length", None) or 77
+        if self.class_max_length is None and model is not None:
+            self.class_max_length = getattr(getattr(model, "hparams", {}), "class_max_length", None)
+
     def setup(self, stage: str) -> None:
+        self._sizes_from_the_model()
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.tokenizer_name)
         rank, world_size = self._rank_world()
@@ -190,7 +198,10 @@ class ImageTextDataModule(L.LightningDataModule):
             if self._train_loader is not None:
                 self._train_loader.mark_consumed()  # this batch is about to be trained on
             last_step = 0 < trainer.max_steps <= trainer.global_step + 1
-            if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0 or last_step:
+            # every step until the stop could be judged (the same on every rank: the sync is a collective)
+            early = trainer.global_step * self.batch_size_per_device * trainer.world_size
+            early = early < MIN_SAMPLES_FOR_SKIP_CHECK
+            if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0 or last_step or early:
                 self._sync_and_check()
         return batch
 
@@ -203,15 +214,38 @@ class ImageTextDataModule(L.LightningDataModule):
         return batch
 
     def _sync_and_check(self) -> None:
-        """Sum the training counts over ranks, log them, and stop if too many samples were bad.
+        """Sum the training counts over ranks, log them, warn early and stop (after saving a checkpoint)
+        if too many samples were bad.
 
-        Called by every rank on the same training batches, so the collective and the error agree.
+        Called by every rank on the same training batches, so the collectives and the stop agree.
         """
         metrics = self.skips.sync(self.trainer.strategy) | self.source_counts.sync(self.trainer.strategy)
         for logger in self.trainer.loggers:
             logger.log_metrics(metrics, step=self.trainer.global_step)
         seen, counts = self.skips.train_totals
-        check_skip_fraction(seen, counts, self.max_skip_fraction, MIN_SAMPLES_FOR_SKIP_CHECK)
+        problem = skip_problem(seen, counts, self.max_skip_fraction)
+        if problem and seen >= MIN_SAMPLES_FOR_SKIP_CHECK:
+            self._stop(problem)
+        if problem and seen >= WARN_AFTER_SAMPLES and not self._warned:
+            self._warned = True
+            rank_zero_warn(
+                f"{problem}: training stops if it still is after {MIN_SAMPLES_FOR_SKIP_CHECK} samples; "
+                "check data.train (columns, files) or raise data.max_skip_fraction"
+            )
+
+    def _stop(self, problem: str) -> None:
+        """Save the model trained so far, then stop the run with one line saying where it is."""
+        trainer = self.trainer
+        callback = trainer.checkpoint_callback
+        folder = getattr(callback, "dirpath", None) or os.path.join(
+            trainer.log_dir or trainer.default_root_dir, "checkpoints"
+        )
+        path = os.path.join(folder, f"bad-data-step={trainer.global_step}.ckpt")
+        trainer.save_checkpoint(path)
+        raise BadDataStop(
+            f"{problem}; the model of step {trainer.global_step} is saved to {path}; fix the data or "
+            "raise data.max_skip_fraction, then resume with --ckpt_path"
+        )
 
     def teardown(self, stage: str) -> None:
         for role in ROLES:
@@ -224,7 +258,7 @@ class ImageTextDataModule(L.LightningDataModule):
             return {}
         mine = {"loader": self._train_loader.state_dict(), **self.skips.train_state()}
         mine["sources"] = self.source_counts.state()
-        return {"ranks": _gather(mine, self._rank_world()[1])}
+        return {"ranks": gather(mine, self._rank_world()[1])}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._resume = state_dict.get("ranks")

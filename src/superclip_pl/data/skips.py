@@ -12,6 +12,8 @@ from collections.abc import Mapping
 
 import torch
 
+from superclip_pl.errors import BadDataStop
+
 REASONS = (
     "missing_image",  # no image in the example, or its file cannot be read
     "corrupt_image",  # the bytes do not decode as an image (truncated, garbage, wrong column)
@@ -22,15 +24,22 @@ REASONS = (
 ROLES = ("train", "val", "test")
 
 
+def skip_problem(seen: int, skipped: Mapping[str, int], max_fraction: float) -> str | None:
+    """What is wrong when more than `max_fraction` of the `seen` samples were skipped, else None."""
+    total = sum(skipped.values())
+    if not seen or total <= max_fraction * seen:
+        return None
+    details = ", ".join(f"{r}={n}" for r, n in skipped.items() if n)
+    return (
+        f"data: {total} of {seen} samples skipped ({total / seen:.1%}), more than "
+        f"max_skip_fraction={max_fraction} ({details})"
+    )
+
+
 def check_skip_fraction(seen: int, skipped: Mapping[str, int], max_fraction: float, min_seen: int) -> None:
     """Raise when more than `max_fraction` of the `seen` samples were skipped (once `min_seen` are seen)."""
-    total = sum(skipped.values())
-    if seen >= min_seen and total > max_fraction * seen:
-        details = ", ".join(f"{r}={n}" for r, n in skipped.items() if n)
-        raise RuntimeError(
-            f"data: {total} of {seen} samples skipped ({total / seen:.1%}), more than "
-            f"max_skip_fraction={max_fraction} ({details}); fix the data or raise data.max_skip_fraction"
-        )
+    if seen >= min_seen and (problem := skip_problem(seen, skipped, max_fraction)):
+        raise BadDataStop(f"{problem}; fix the data or raise data.max_skip_fraction")
 
 
 class SkipCounts:

@@ -76,7 +76,7 @@ class OpenedSource:
     select: Callable[[list[str]], datasets.IterableDataset]
 
 
-def _missing_local_patterns(source: DataSource) -> list[str]:
+def missing_local_patterns(source: DataSource) -> list[str]:
     """Local `data_files` patterns that match no file (hub and remote patterns are not checked)."""
     if "/" in source.path and not os.path.exists(source.path):
         return []  # a hub id: its data_files are relative to the repository
@@ -97,7 +97,7 @@ def open_source(source: DataSource, role: str = "train") -> OpenedSource:
     """Open `source` for streaming, with media decoding off (we decode ourselves, so that a corrupt
     image is a counted skip instead of an exception inside the HF iterator). Webdataset tars are
     read by `tars.py` (samples may differ in their fields), everything else by HF's builders."""
-    if missing := _missing_local_patterns(source):
+    if missing := missing_local_patterns(source):
         raise ValueError(f"data.{role}.data_files: {missing[0]!r} matches no file ({source.describe()})")
     try:
         builder = datasets.load_dataset_builder(

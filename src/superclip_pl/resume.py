@@ -1,0 +1,64 @@
+"""``Resume``: what a fit resumed from a checkpoint continues exactly as an uninterrupted run would.
+
+- The loggers' step labels continue without overlap: Lightning restores its logging counter one short
+  of the steps done when the checkpoint was saved after a validation; it is the step count again.
+- When ``max_steps`` differs from the checkpoint's run, one line says what happens to the learning-rate
+  schedule, and training starts at the new schedule's rate (not at the rate the old one had reached,
+  0 at the end of a cosine, for one step before a jump).
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+
+class Resume(Callback):
+    def __init__(self) -> None:
+        self._first_batch = True
+        self._trainer: Trainer | None = None
+        self._saved_max_steps: int | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def state_dict(self) -> dict:
+        return {"max_steps": self._trainer.max_steps} if self._trainer is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._saved_max_steps = state_dict.get("max_steps")
+
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int
+    ) -> None:
+        if self._first_batch:  # at a step boundary: the logging counter equals the optimizer steps done
+            self._first_batch = False
+            trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._first_batch = True
+        before, now = self._saved_max_steps, trainer.max_steps
+        self._saved_max_steps = None
+        if before is None or before == now:
+            return
+        rates = []
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            lambdas = getattr(scheduler, "lr_lambdas", None)
+            if lambdas is None:  # not a LambdaLR: its own state decides
+                continue
+            # the rates of the schedule over the new max_steps at the step reached (LambdaLR keeps its
+            # step and base rates in the checkpoint, and takes its function from the new run)
+            new = [
+                base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, lambdas, strict=True)
+            ]
+            old = [group["lr"] for group in scheduler.optimizer.param_groups]
+            for group, lr in zip(scheduler.optimizer.param_groups, new, strict=True):
+                group["lr"] = lr
+            scheduler._last_lr = new
+            rates.append((old[0], new[0]))
+        change = f": lr {rates[0][0]:.3g} -> {rates[0][1]:.3g} at this step" if rates else ""
+        rank_zero_info(
+            f"resuming at step {trainer.global_step} with max_steps={now} (the checkpoint's run had "
+            f"{before}): the warm-up + cosine schedule now runs over {now} steps{change}"
+        )

@@ -1,0 +1,141 @@
+"""``SuperCLIPCLI``: the LightningCLI behind ``superclip fit|validate|test``.
+
+Besides LightningCLI's parsing it links the data module and the model, checks what can be checked
+before anything is built (the data module's sizes, paths and tokenizer, the checkpoint), resumes into
+the run's own log directory, names the checkpoint's step in validate / test, and after each run
+writes ``metrics.json`` (and ``results.md`` / ``.csv``) into the log directory.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from superclip_pl.cli_checks import check_ckpt_path, check_data, resume_version
+from superclip_pl.data import ImageTextDataModule
+from superclip_pl.module import LitSuperCLIP
+from superclip_pl.resume import Resume
+from superclip_pl.run_end import RunEnd
+
+DESCRIPTION = "Train and evaluate SuperCLIP models (CLIP + vocabulary classifier)."
+WHAT = {
+    "fit": "Train a model; --ckpt_path CKPT resumes a run (into its own log directory).",
+    "validate": "Evaluate --ckpt_path CKPT on data.val and the evaluation callbacks (writes metrics.json).",
+    "test": "Evaluate --ckpt_path CKPT on data.test and the evaluation callbacks (writes metrics.json).",
+}
+MORE = (
+    " The data module's own options: superclip {0} --data.help superclip_pl.ImageTextDataModule;"
+    " a data source's fields: path, data_files, split, name, weight, config_name, data_dir, revision,"
+    " image_column, text_column (README, Configs). Every value of a config: superclip {0} --config"
+    " FILE --print_config."
+)
+
+
+def parser_kwargs() -> dict:
+    """The usage line and description of each subcommand (the usage alone would list ~60 lines)."""
+    kwargs: dict = {"description": DESCRIPTION}
+    for name, what in WHAT.items():
+        kwargs[name] = {
+            "usage": f"superclip {name} [-h] [-c CONFIG] [--print_config] [--KEY VALUE ...]",
+            "description": what + MORE.format(name),
+        }
+    return kwargs
+
+
+class OneLineErrors(LightningArgumentParser):
+    """A usage error (unknown option, bad type, missing config file) in one line, not a 60-line usage."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if os.environ.get("SUPERCLIP_TRACEBACK") == "1" or not self.exit_on_error:
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        text = " ".join(message.split())
+        text = text if len(text) <= 400 else text[:400] + " ..."
+        sys.stderr.write(f"{prog}: error: {text} (see {prog} --help)\n")
+        sys.exit(2)
+
+
+class SuperCLIPCLI(RunEnd, LightningCLI):
+    """LightningCLI with the links between the data and the model, the checks before anything is built,
+    and ``metrics.json`` after each run (``RunEnd``)."""
+
+    checkpoint_step: int | None = None  # global step of --ckpt_path, read by the checks
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # no `predict`: LitSuperCLIP has no predict_step (embeddings: export, then transformers)
+        subcommands = dict(LightningCLI.subcommands())
+        subcommands.pop("predict")
+        return subcommands
+
+    def init_parser(self, **kwargs) -> LightningArgumentParser:
+        kwargs.setdefault("prog", "superclip")
+        return super().init_parser(**kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters with torch.load first: check it before
+        subcommand = self.config.get("subcommand")
+        if subcommand and (ckpt_path := self.config[subcommand].get("ckpt_path")):
+            self.checkpoint_step = check_ckpt_path(ckpt_path)
+        super()._parse_ckpt_path()
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # one tokenizer and one caption length feed both the data pipeline and the model
+        parser.link_arguments("data.init_args.tokenizer", "model.tokenizer")
+        parser.link_arguments("data.init_args.max_length", "model.max_length", compute_fn=_clip_length)
+        # the classification targets are cut in the data workers, at the model's class_max_length
+        parser.link_arguments("model.class_max_length", "data.init_args.class_max_length")
+        # the backbone decides the resolution the images are prepared at
+        parser.link_arguments("model.image_size", "data.init_args.image_size", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_data(config.get("data"), self.subcommand)
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path is None:
+            return
+        if self.subcommand == "fit" and (version := resume_version(config.trainer.get("logger"), ckpt_path)):
+            print(f"resuming step {self.checkpoint_step} of {Path(ckpt_path).parent.parent}: logging into it")
+            config.trainer.logger.init_args.version = version
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(Resume())
+        return trainer
+
+    def _at_checkpoint_step(self) -> None:
+        """validate / test of a checkpoint: the trainer's step is the checkpoint's (Lightning restores
+        only the weights), so that what is printed and logged names the model evaluated."""
+        if self.checkpoint_step:
+            loop = self.trainer.fit_loop.epoch_loop
+            loop.automatic_optimization.optim_progress.optimizer.step.total.completed = self.checkpoint_step
+            loop._batches_that_stepped = self.checkpoint_step
+
+    def before_validate(self) -> None:
+        self._at_checkpoint_step()
+
+    def before_test(self) -> None:
+        self._at_checkpoint_step()
+
+
+def _clip_length(max_length: int | None) -> int:
+    """The model's caption length: the data module's, CLIP's 77 when it is unset."""
+    return 77 if max_length is None else max_length
+
+
+def make_cli(args: list[str] | None, run: bool) -> SuperCLIPCLI:
+    return SuperCLIPCLI(
+        LitSuperCLIP,
+        ImageTextDataModule,
+        subclass_mode_data=True,
+        args=args,
+        run=run,
+        parser_class=OneLineErrors,
+        auto_configure_optimizers=False,  # LitSuperCLIP builds its own AdamW groups and schedule
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs=parser_kwargs(),
+    )
