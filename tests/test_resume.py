@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -22,6 +23,7 @@ from superclip_pl.data import datamodule as data_module
 from superclip_pl.data.build import image_text_stream
 from superclip_pl.data.decode import Collate
 from superclip_pl.data.loader import StreamLoader
+from superclip_pl.errors import BadDataStop
 from superclip_pl.tokenizer import load_tokenizer
 
 
@@ -256,11 +258,23 @@ def test_fit_stops_and_resumes_exactly_from_a_checkpoint(
 
 
 @pytest.mark.slow
-def test_too_many_bad_samples_stop_training(tmp_path, bad_shards, tokenizer_dir, monkeypatch):
-    monkeypatch.setattr(data_module, "MIN_SAMPLES_FOR_SKIP_CHECK", 10)
+def test_too_many_bad_samples_warn_early_then_stop_with_a_checkpoint(
+    tmp_path, bad_shards, tokenizer_dir, monkeypatch
+):
+    """A warning as soon as WARN_AFTER_SAMPLES show too many bad samples, the stop after
+    MIN_SAMPLES_FOR_SKIP_CHECK, and before it a checkpoint that says where it is and loads."""
+    monkeypatch.setattr(data_module, "WARN_AFTER_SAMPLES", 3)
+    monkeypatch.setattr(data_module, "MIN_SAMPLES_FOR_SKIP_CHECK", 12)
     dm = data(bad_shards[0], tokenizer_dir, max_skip_fraction=0.1, num_workers=0)
-    with pytest.raises(RuntimeError, match=r"samples skipped .* more than max_skip_fraction=0.1"):
-        fit(tmp_path, dm, max_steps=20)
+    with (
+        pytest.warns(UserWarning, match=r"samples skipped .* training stops if it still is after 12"),
+        pytest.raises(BadDataStop, match=r"more than max_skip_fraction=0.1.* saved to (\S+\.ckpt)") as stop,
+    ):
+        fit(tmp_path, dm, max_steps=20, save_every=100)
+    path = re.search(r"saved to (\S+\.ckpt)", str(stop.value)).group(1)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    assert 0 < ckpt["global_step"] < 20 and f"step={ckpt['global_step']}" in path
+    assert ckpt["state_dict"] and ckpt["ImageTextDataModule"]["ranks"][0]["seen"] >= 12
 
 
 def test_setup_fails_fast_on_bad_settings(good_shards, tokenizer_dir):
