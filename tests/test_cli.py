@@ -209,3 +209,31 @@ def test_shortened_ablation_evaluates_every_run_at_its_end_and_resumes(shapes, m
     again = ablation.main(argv)
     assert "4 runs, 4 already done, 0 to go" in capsys.readouterr().out
     assert again["runs"] == results["runs"]
+
+
+@pytest.mark.slow
+def test_resume_continues_the_same_run(shapes, monkeypatch, capsys):
+    """fit 8 steps, resume to 16: the same log directory, step labels that go on without overlap, a
+    notice of the schedule's new length, and validate of the checkpoint names its step."""
+    monkeypatch.chdir(shapes)
+    save = ["--trainer.logger.init_args.save_dir", "outputs/resume"]
+    first = build_cli(debug_fit(8, 8, *save))
+    log_dir = Path(first.trainer.log_dir)
+    ckpt = str(log_dir / "checkpoints" / "last.ckpt")
+    capsys.readouterr()
+    second = build_cli(debug_fit(16, 8, *save, "--ckpt_path", ckpt))
+    assert Path(second.trainer.log_dir) == log_dir and second.trainer.global_step == 16
+    captured = capsys.readouterr()
+    assert "resuming at step 8 with max_steps=16 (the checkpoint's run had 8)" in captured.out + captured.err
+    parts = []
+    for events_file in sorted(log_dir.glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime):
+        events = EventAccumulator(str(events_file))
+        events.Reload()
+        if "train/loss" in events.Tags()["scalars"]:
+            parts.append([e.step for e in events.Scalars("train/loss")])
+    assert len(parts) == 2 and parts[0] and parts[1]
+    assert max(parts[0]) < min(parts[1]) and parts[1] == sorted(parts[1]) and max(parts[1]) == 15
+    lr = scalars(log_dir, "train/lr")
+    assert all(v > 0 for v in lr[:-1])  # the schedule over 16 steps goes on, no step at lr 0 in between
+    assert main(["validate", "--config", str(CONFIGS / "debug.yaml"), "--ckpt_path", ckpt]) == 0
+    assert "Evaluation at step 16:" in capsys.readouterr().out

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
 
 
 class Resume(Callback):
@@ -58,7 +57,9 @@ class Resume(Callback):
             scheduler._last_lr = new
             rates.append((old[0], new[0]))
         change = f": lr {rates[0][0]:.3g} -> {rates[0][1]:.3g} at this step" if rates else ""
-        rank_zero_info(
+        if not trainer.is_global_zero:
+            return
+        print(
             f"resuming at step {trainer.global_step} with max_steps={now} (the checkpoint's run had "
             f"{before}): the warm-up + cosine schedule now runs over {now} steps{change}"
         )
