@@ -2,6 +2,8 @@
 
 - The loggers' step labels continue without overlap: Lightning restores its logging counter one short
   of the steps done when the checkpoint was saved after a validation; it is the step count again.
+- The progress bar counts the epoch's batches from its start, so its total is the epoch's too (Lightning
+  gives it the steps left: 16/8 after a resume at step 8 of 16).
 - When ``max_steps`` differs from the checkpoint's run, one line says what happens to the learning-rate
   schedule, and training starts at the new schedule's rate (not at the rate the old one had reached,
   0 at the end of a cosine, for one step before a jump).
@@ -10,11 +12,13 @@
 from __future__ import annotations
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
 
 class Resume(Callback):
     def __init__(self) -> None:
         self._first_batch = True
+        self._fix_bar = False
         self._trainer: Trainer | None = None
         self._saved_max_steps: int | None = None
 
@@ -27,6 +31,26 @@ class Resume(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self._saved_max_steps = state_dict.get("max_steps")
 
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
+        if not self._fix_bar:
+            return
+        # a resumed (mid-epoch) fit: the bar, made at its first batch, counts the epoch's batches
+        # (batch_idx + 1) against the steps left; its total is the epoch's batches up to max_steps
+        self._fix_bar = False
+        done, bar = batch_idx + 1, trainer.progress_bar_callback
+        total = done + trainer.max_steps - trainer.global_step
+        if (
+            isinstance(bar, RichProgressBar)
+            and bar.progress is not None
+            and bar.train_progress_bar_id is not None
+        ):
+            bar.progress.update(bar.train_progress_bar_id, total=total, completed=done)
+        elif isinstance(bar, TQDMProgressBar) and bar._train_progress_bar is not None:
+            bar._train_progress_bar.total, bar._train_progress_bar.n = total, done
+            bar._train_progress_bar.refresh()
+
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch, batch_idx: int
     ) -> None:
@@ -36,6 +60,8 @@ class Resume(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._first_batch = True
+        resumed = trainer.fit_loop.epoch_loop.batch_progress.current.ready > 0
+        self._fix_bar = resumed and trainer.max_epochs == -1 and trainer.max_steps > 0
         before, now = self._saved_max_steps, trainer.max_steps
         self._saved_max_steps = None
         if before is None or before == now:
