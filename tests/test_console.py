@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from test_cli import CONFIGS, shapes  # noqa: F401  (the module-scoped shapes data set fixture)
@@ -55,6 +56,26 @@ def test_fit_validate_export_and_load_in_a_pipeline(fitted, tmp_path):
 
 
 FIT, VALIDATE = ["fit", "--config", DEBUG], ["validate", "--config", DEBUG]
+
+
+@pytest.mark.slow
+def test_predict_writes_the_embeddings_of_a_data_set(fitted, tmp_path):
+    from safetensors.torch import load_file
+
+    root, ckpt = fitted
+    source = '{path: webdataset, data_files: "data/shapes/eval/retrieval/test/*.tar", image_column: png}'
+    args = ["--data.predict", source, "--trainer.callbacks+=superclip_pl.EmbeddingWriter"]
+    args += ["--trainer.callbacks.output_dir", str(tmp_path / "emb"), "--return_predictions", "false"]
+    proc = superclip("predict", "--config", DEBUG, "--ckpt_path", str(ckpt), *args, *QUIET, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tensors = load_file(tmp_path / "emb" / "embeddings-rank0.safetensors")
+    keys = (tmp_path / "emb" / "embeddings-rank0.keys.txt").read_text().splitlines()
+    assert len(keys) == len(set(keys)) == 24  # the fixture's retrieval set, each sample once
+    for name in ("image_embeds", "text_embeds"):
+        assert tensors[name].shape == (24, 32)  # debug.yaml's projection_dim
+        torch.testing.assert_close(tensors[name].norm(dim=-1), torch.ones(24))
+
+
 BAD_INPUTS = {  # what a user types -> what the one line must name
     "batch size": ([*FIT, "--data.batch_size", "-4"], "data.batch_size=-4"),
     "missing checkpoint": ([*FIT, "--ckpt_path", "nope.ckpt"], "'nope.ckpt' does not exist"),
@@ -104,6 +125,5 @@ def test_help_lists_the_commands_without_importing_lightning():
         assert proc.returncode == 0, proc.stderr
     proc = subprocess.run([str(SUPERCLIP), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
-    for command in ("fit", "validate", "test", "export", "import"):
+    for command in ("fit", "validate", "test", "predict", "export", "import"):
         assert f"\n  {command} " in proc.stdout
-    assert "predict" not in proc.stdout

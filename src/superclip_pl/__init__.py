@@ -7,6 +7,7 @@ without importing Lightning and transformers.
 from importlib import import_module
 
 _WHERE = {
+    "EmbeddingWriter": "superclip_pl.embeddings",
     "HeadPredictions": "superclip_pl.eval",
     "ImageTextDataModule": "superclip_pl.data",
     "DataSource": "superclip_pl.data",

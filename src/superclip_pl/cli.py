@@ -19,6 +19,7 @@ COMMANDS = {
     "fit": "train a model (superclip fit --config FILE; --ckpt_path CKPT resumes)",
     "validate": "evaluate a checkpoint on data.val and the evaluation callbacks (writes metrics.json)",
     "test": "evaluate a checkpoint on data.test and the evaluation callbacks (writes metrics.json)",
+    "predict": "embed data.predict's images and captions into files (one per rank) with a checkpoint",
     "export": "checkpoint -> a transformers CLIPModel directory, or open_clip files",
     "import": "open_clip / reference SuperCLIP checkpoint -> a directory to fine-tune from",
 }
@@ -66,7 +67,7 @@ def _dispatch(argv: list[str], from_sys_argv: bool) -> None:
         from superclip_pl.commands import run_import
 
         run_import(argv[1:])
-    elif command in ("fit", "validate", "test"):
+    elif command in ("fit", "validate", "test", "predict"):
         build_cli(None if from_sys_argv else argv)  # LightningCLI reads sys.argv itself
     elif command in ("-h", "--help"):
         print(HELP)

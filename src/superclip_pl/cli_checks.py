@@ -19,7 +19,7 @@ def _plain(value):
     return value
 
 
-ROLES = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}
+ROLES = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 
 
 def check_data(data, subcommand: str | None) -> None:

@@ -214,6 +214,12 @@ class LitSuperCLIP(LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor] | None, batch_idx: int) -> None:
         self._evaluation_step(batch, "test")
 
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        """``superclip predict``: the batch's keys and L2-normalised image and caption embeddings."""
+        image = self.model.encode_image(batch["pixel_values"])
+        text = self.model.encode_text(batch["input_ids"], batch.get("attention_mask"))
+        return {"keys": batch["keys"], "image_embeds": image, "text_embeds": text}
+
     # -- optimisation -----------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams

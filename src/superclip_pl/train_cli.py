@@ -12,10 +12,12 @@ import os
 import sys
 from pathlib import Path
 
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from superclip_pl.cli_checks import check_ckpt_path, check_data, resume_version
 from superclip_pl.data import ImageTextDataModule
+from superclip_pl.embeddings import EmbeddingWriter
 from superclip_pl.module import LitSuperCLIP
 from superclip_pl.resume import Resume
 from superclip_pl.run_end import RunEnd
@@ -25,6 +27,9 @@ WHAT = {
     "fit": "Train a model; --ckpt_path CKPT resumes a run (into its own log directory).",
     "validate": "Evaluate --ckpt_path CKPT on data.val and the evaluation callbacks (writes metrics.json).",
     "test": "Evaluate --ckpt_path CKPT on data.test and the evaluation callbacks (writes metrics.json).",
+    "predict": "Embed data.predict's images and captions with --ckpt_path CKPT: one safetensors file of "
+    "image_embeds / text_embeds (+ a keys file) per rank, in <log_dir>/embeddings (superclip_pl."
+    "EmbeddingWriter; --return_predictions false keeps them out of memory).",
 }
 MORE = (
     " The data module's own options: superclip {0} --data.help superclip_pl.ImageTextDataModule;"
@@ -64,13 +69,6 @@ class SuperCLIPCLI(RunEnd, LightningCLI):
     and ``metrics.json`` after each run (``RunEnd``)."""
 
     checkpoint_step: int | None = None  # global step of --ckpt_path, read by the checks
-
-    @staticmethod
-    def subcommands() -> dict[str, set[str]]:
-        # no `predict`: LitSuperCLIP has no predict_step (embeddings: export, then transformers)
-        subcommands = dict(LightningCLI.subcommands())
-        subcommands.pop("predict")
-        return subcommands
 
     def init_parser(self, **kwargs) -> LightningArgumentParser:
         kwargs.setdefault("prog", "superclip")
@@ -120,6 +118,10 @@ class SuperCLIPCLI(RunEnd, LightningCLI):
 
     def before_test(self) -> None:
         self._at_checkpoint_step()
+
+    def before_predict(self) -> None:
+        if not any(isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
+            self.trainer.callbacks.append(EmbeddingWriter())
 
 
 def _clip_length(max_length: int | None) -> int:

@@ -47,6 +47,7 @@ class ImageTextDataModule(L.LightningDataModule):
         train: DataSource | list[DataSource] | None = None,
         val: DataSource | None = None,
         test: DataSource | None = None,
+        predict: DataSource | None = None,
         batch_size: int = 16,
         global_batch_size: int | None = None,
         num_workers: int = 2,
@@ -67,6 +68,7 @@ class ImageTextDataModule(L.LightningDataModule):
             val: validation source; read once per validation, in order. Without one, validation
                 runs a single empty step, so that evaluation callbacks still run at its end.
             test: test source for `superclip test`, read like `val` (an empty step without one).
+            predict: source `superclip predict` embeds (images and captions), read once, in order.
             batch_size: samples per device and step (ignored when global_batch_size is set).
             global_batch_size: samples per optimizer step over all devices; the per-device batch is
                 global_batch_size / (world_size x accumulate_grad_batches).
@@ -90,6 +92,7 @@ class ImageTextDataModule(L.LightningDataModule):
             train = as_source("train", train)
         val, test = as_source("val", val), as_source("test", test)
         self.tokenizer_name, self.train, self.val, self.test = tokenizer, train, val, test
+        self.predict = as_source("predict", predict)
         self.batch_size, self.global_batch_size, self.num_workers = batch_size, global_batch_size, num_workers
         self.image_size, self.max_length = image_size, max_length
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
@@ -126,11 +129,13 @@ class ImageTextDataModule(L.LightningDataModule):
         if self.global_batch_size is not None:
             accumulate = self.trainer.accumulate_grad_batches if self.trainer else 1
             self.batch_size_per_device = per_device_batch_size(self.global_batch_size, world_size, accumulate)
-        roles = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage, ())
+        roles = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+        roles = roles.get(stage, ())
         for role in roles:
             source = getattr(self, role)
-            if source is None and role == "train":
-                raise ValueError("data.train is required to fit: set data.train.path (and data_files)")
+            if source is None and role in ("train", "predict"):
+                what = "to fit" if role == "train" else "to predict (embed)"
+                raise ValueError(f"data.{role} is required {what}: set data.{role}.path (and data_files)")
             if source is None or role in self.streams:
                 continue
             training = role == "train"
@@ -182,6 +187,9 @@ class ImageTextDataModule(L.LightningDataModule):
     def test_dataloader(self) -> StreamLoader | DataLoader:
         return self._loader("test") if "test" in self.streams else _empty_step()
 
+    def predict_dataloader(self) -> StreamLoader:
+        return self._loader("predict")
+
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """Count skips carried by the batch (so every worker's count arrives exactly once)."""
         if not batch:  # the empty step of a loop without data
@@ -189,8 +197,8 @@ class ImageTextDataModule(L.LightningDataModule):
         skipped = batch.pop("skipped", {})
         trainer = self.trainer
         role = "train" if trainer is not None and trainer.training else "val"
-        if trainer is not None and trainer.testing:
-            role = "test"
+        if trainer is not None and (trainer.testing or trainer.predicting):
+            role = "test" if trainer.testing else "predict"
         self.skips.add(role, len(batch["keys"]), skipped)
         counts = batch.pop("counts", {})
         if role == "train":

@@ -21,7 +21,7 @@ REASONS = (
     "empty_caption",  # caption missing, empty or whitespace only, or no caption inside its JSON
     "truncated_shard",  # a shard (or run of them) that stops being readable; the rest is skipped
 )
-ROLES = ("train", "val", "test")
+ROLES = ("train", "val", "test", "predict")
 
 
 def skip_problem(seen: int, skipped: Mapping[str, int], max_fraction: float) -> str | None:
