@@ -177,6 +177,8 @@ class LitSuperCLIP(LightningModule):
         # The FLOPs are this device's: Throughput multiplies them by the world size for the global
         # `flops_per_sec` and keeps them as they are for `device/flops_per_sec` and `device/mfu`. Model
         # FLOPs: with negatives across accumulation each micro-batch is encoded twice, but counted once.
+        if not self.automatic_optimization:
+            self._forget_logged_step_values()
         if not any(isinstance(c, ThroughputMonitor) for c in self.trainer.callbacks):
             return
         shape = tuple(batch["input_ids"].shape)
@@ -184,6 +186,14 @@ class LitSuperCLIP(LightningModule):
             head = self.model.head is not None
             self.flops_per_batch = training_step_flops(self.model.config, head, *shape)
             self._flops_shape = shape
+
+    def _forget_logged_step_values(self) -> None:
+        # After every batch Lightning writes the step values logged last; its own accumulation skips the
+        # micro-batches that do not step, manual optimisation does not, and a step's values would be
+        # written again at each micro-batch of the next step. Only the stepping batch logs anew.
+        for metric in self.trainer._results.values():
+            if metric.meta.fx == "training_step":
+                metric._forward_cache = None
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         if self.doc_freq is not None:  # weights over the run so far, the current global batch included
