@@ -2,12 +2,13 @@
 writes the logged loss and the gradients per rank.
 
 Run as a script (Lightning's DDP launcher re-runs it for every rank):
-    python tests/distributed_accumulation.py TOKENIZER_DIR OUT_DIR MODE LOSS [NEGATIVES]
+    python tests/distributed_accumulation.py TOKENIZER_DIR OUT_DIR MODE LOSS [NEGATIVES [OPTIONS]]
 MODE: ``whole`` (one process, one batch of 16), ``micro`` (one process, 4 micro-batches of 4),
 ``uneven`` (one process, micro-batches of 5, 3, 6, 2), ``ddp`` / ``fsdp2`` (2 processes x 4
 micro-batches of 2), ``ddp_whole`` (2 processes x one batch of 8); ``throughput``: 6 steps on 2
 processes with Lightning's ThroughputMonitor, logged to OUT_DIR/metrics.csv. LOSS: contrastive or
-siglip. NEGATIVES: 1 (default) or 0 (``accumulated_negatives=False``).
+siglip. NEGATIVES: 1 (default) or 0 (``accumulated_negatives=False``). OPTIONS: ``checkpointing``
+(gradient checkpointing) and / or ``bf16`` (bf16-mixed precision), comma-separated.
 """
 
 import os
@@ -100,12 +101,19 @@ def throughput(tokenizer_dir: str, out_dir: str) -> None:
     trainer.fit(module, train_dataloaders=loader)
 
 
-def main(tokenizer_dir: str, out_dir: str, mode: str, loss: str, negatives: bool = True) -> None:
+def main(
+    tokenizer_dir: str, out_dir: str, mode: str, loss: str, negatives: bool = True, options: str = ""
+) -> None:
     if mode == "throughput":
         return throughput(tokenizer_dir, out_dir)
     torch.manual_seed(0)
     module = LitSuperCLIP(
-        tokenizer_dir, backbone_config=MICRO, loss=loss, warmup_steps=0, accumulated_negatives=negatives
+        tokenizer_dir,
+        backbone_config=MICRO,
+        loss=loss,
+        warmup_steps=0,
+        accumulated_negatives=negatives,
+        gradient_checkpointing="checkpointing" in options,
     )
     strategy = "ddp" if mode.startswith("ddp") else "auto"
     if mode == "fsdp2":
@@ -118,10 +126,11 @@ def main(tokenizer_dir: str, out_dir: str, mode: str, loss: str, negatives: bool
         max_steps=1,
         accumulate_grad_batches=len(SIZES[mode]),
         callbacks=[SaveReductions(out_dir)],
+        precision="bf16-mixed" if "bf16" in options else "32-true",
     )
     loader = DataLoader(MicroBatches(pairs(module.tokenizer), SIZES[mode]), batch_size=None)
     trainer.fit(module, train_dataloaders=loader)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], len(sys.argv) < 6 or sys.argv[5] == "1")
+    main(*sys.argv[1:5], len(sys.argv) < 6 or sys.argv[5] == "1", *sys.argv[6:])
