@@ -97,3 +97,13 @@ def cached_backward(module, cache: NegativesCache, targets, idf) -> dict[str, to
         terms["loss"] = con.detach() + hp.class_loss_weight * class_loss
     terms["logit_scale"] = cache.logit_scale
     return terms
+
+
+def forget_logged_step_values(trainer) -> None:
+    """Call at each micro-batch's start. After every batch Lightning writes the step values logged last;
+    its own accumulation skips the micro-batches that do not step, manual optimisation does not, and a
+    step's values would be written again at each micro-batch of the next step. Only the stepping batch
+    logs anew."""
+    for metric in trainer._results.values():
+        if metric.meta.fx == "training_step":
+            metric._forward_cache = None

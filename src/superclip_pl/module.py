@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ThroughputMonitor
 
-from superclip_pl.accumulation import NegativesCache, cached_backward
+from superclip_pl.accumulation import NegativesCache, cached_backward, forget_logged_step_values
 from superclip_pl.clipdir import read_extras
 from superclip_pl.flops import training_step_flops
 from superclip_pl.losses import DocumentFrequency, classification_loss, contrastive_loss, siglip_loss
@@ -167,6 +167,13 @@ class LitSuperCLIP(LightningModule):
         if stage == "fit":
             k = self.trainer.accumulate_grad_batches
             self.automatic_optimization = not (self.hparams.accumulated_negatives and k > 1)
+            clip, plugin = self.trainer.gradient_clip_val, self.trainer.precision_plugin
+            if not self.automatic_optimization and clip and getattr(plugin, "scaler", None) is not None:
+                raise ValueError(
+                    f"trainer.gradient_clip_val={clip} with negatives across accumulation needs precision "
+                    "bf16-mixed or 32-true (16-mixed scales the gradients the clip would see); or set "
+                    "model.accumulated_negatives false"
+                )
 
     def teardown(self, stage: str) -> None:
         self._cache.clear()
@@ -178,7 +185,7 @@ class LitSuperCLIP(LightningModule):
         # `flops_per_sec` and keeps them as they are for `device/flops_per_sec` and `device/mfu`. Model
         # FLOPs: with negatives across accumulation each micro-batch is encoded twice, but counted once.
         if not self.automatic_optimization:
-            self._forget_logged_step_values()
+            forget_logged_step_values(self.trainer)
         if not any(isinstance(c, ThroughputMonitor) for c in self.trainer.callbacks):
             return
         shape = tuple(batch["input_ids"].shape)
@@ -186,14 +193,6 @@ class LitSuperCLIP(LightningModule):
             head = self.model.head is not None
             self.flops_per_batch = training_step_flops(self.model.config, head, *shape)
             self._flops_shape = shape
-
-    def _forget_logged_step_values(self) -> None:
-        # After every batch Lightning writes the step values logged last; its own accumulation skips the
-        # micro-batches that do not step, manual optimisation does not, and a step's values would be
-        # written again at each micro-batch of the next step. Only the stepping batch logs anew.
-        for metric in self.trainer._results.values():
-            if metric.meta.fx == "training_step":
-                metric._forward_cache = None
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         if self.doc_freq is not None:  # weights over the run so far, the current global batch included
