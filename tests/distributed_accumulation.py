@@ -13,9 +13,11 @@ siglip. NEGATIVES: 1 (default) or 0 (``accumulated_negatives=False``). OPTIONS: 
 
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -115,8 +117,13 @@ def main(
         accumulated_negatives=negatives,
         gradient_checkpointing="checkpointing" in options,
     )
-    strategy = "ddp" if mode.startswith("ddp") else "auto"
-    if mode == "fsdp2":
+    strategy = "auto"
+    if mode.startswith("ddp"):  # with the settings of the shipped DDP fragment
+        from lightning.pytorch.strategies import DDPStrategy
+
+        fragment = Path(__file__).resolve().parent.parent / "configs" / "trainer" / "ddp.yaml"
+        strategy = DDPStrategy(**yaml.safe_load(fragment.read_text())["trainer"]["strategy"]["init_args"])
+    elif mode == "fsdp2":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
