@@ -36,6 +36,7 @@ BENCHMARKS = [
     "eval_throughput",
     "data_pipeline",
     "linear_probe",
+    "accumulation",
 ]
 HERE = Path(__file__).resolve().parent
 OUTPUT = HERE.parent / "outputs" / "bench" / "results.json"

@@ -34,7 +34,7 @@ def assert_figures(module, result: dict) -> None:
         assert isinstance(value, float) and math.isfinite(value) and value > 0, f"{key}={value!r}"
 
 
-@pytest.mark.parametrize("name", ["lightning_overhead", "eval_throughput", "linear_probe"])
+@pytest.mark.parametrize("name", ["lightning_overhead", "eval_throughput", "linear_probe", "accumulation"])
 def test_benchmark_reports_its_figures(bench, name):
     module = bench(name)
     assert_figures(module, module.run(quick=True))

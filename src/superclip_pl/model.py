@@ -262,8 +262,10 @@ class SuperCLIP(nn.Module):
         return self.config.text_config.vocab_size
 
     def logit_scale(self) -> torch.Tensor:
-        """exp(logit scale) as a 0-d tensor, with the scale clamped to log(100) as in CLIP."""
-        return self.clip.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp().sum()  # (1,) -> 0-d, not a view
+        """exp(logit scale) as a 0-d tensor. Training keeps the parameter in [0, log(100)] by clamping it
+        in place after every optimizer step (``superclip_pl.optim.clamp_logit_scale``), as the reference
+        does; a clamp here would zero its gradient once past the bound, so it could never come back."""
+        return self.clip.logit_scale.exp().sum()  # (1,) -> 0-d, not a view
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings (B, E): projection of the post-LayerNorm CLS token."""

@@ -1,20 +1,23 @@
-"""``LitSuperCLIP``: the Lightning system around ``SuperCLIP`` (steps, gathering, optimiser, logging)."""
+"""``LitSuperCLIP``: the Lightning system around ``SuperCLIP`` (steps, gathering, accumulation, logging)."""
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ThroughputMonitor
-from torch import nn
 
+from superclip_pl.accumulation import NegativesCache, cached_backward, forget_logged_step_values
 from superclip_pl.clipdir import read_extras
 from superclip_pl.flops import training_step_flops
 from superclip_pl.losses import DocumentFrequency, classification_loss, contrastive_loss, siglip_loss
 from superclip_pl.model import PRESETS, SuperCLIP
+from superclip_pl.optim import adamw_with_schedule, clamp_logit_scale, param_groups, warmup_cosine
+from superclip_pl.sharding import encoder_layers, shard
 from superclip_pl.tokenizer import load_tokenizer
+
+__all__ = ["LitSuperCLIP", "batch_size", "class_targets", "param_groups", "warmup_cosine"]
 
 
 def batch_size(batch: dict[str, torch.Tensor]) -> int:
@@ -26,23 +29,6 @@ def class_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Token ids the classification targets come from: ``class_ids`` (captions cut at
     ``class_max_length``) when the batch has them, else the text tower's ``input_ids``."""
     return batch.get("class_ids", batch["input_ids"])
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
-    """LR multiplier: linear warm-up to 1 over ``warmup_steps``, then cosine down to ``min_ratio``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay on matrices; none on biases, norms, the class token, logit scale and bias."""
-    decay, no_decay = [], []
-    for _, p in module.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class LitSuperCLIP(LightningModule):
@@ -70,8 +56,11 @@ class LitSuperCLIP(LightningModule):
         min_lr_ratio: final learning rate of the cosine, as a fraction of ``lr``.
         gradient_checkpointing: recompute encoder activations in the backward pass to save memory.
         compile: ``torch.compile`` each encoder layer (after sharding, under FSDP2).
-        local_loss: compute each rank's loss on its own rows against the gathered columns (open_clip's
-            local loss: O(B x R*B) logits per rank, and the same gradients as the global loss).
+        accumulated_negatives: with ``trainer.accumulate_grad_batches`` K > 1, compute the contrastive
+            (or SigLIP) loss of an optimizer step over the features of all its K micro-batches and all
+            ranks (the batch the step trains with is K x devices x ``data.batch_size``), with the
+            activation memory of one micro-batch (gradient caching, see ``superclip_pl.accumulation``).
+            False: Lightning's accumulation, a loss per micro-batch (negatives: one micro-batch).
     """
 
     def __init__(
@@ -92,6 +81,7 @@ class LitSuperCLIP(LightningModule):
         min_lr_ratio: float = 0.0,
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        accumulated_negatives: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -129,6 +119,7 @@ class LitSuperCLIP(LightningModule):
         # a fit ends with an evaluation and a checkpoint of its final model
         self.validated_at: int | None = None
         self.saved_at: int | None = None
+        self._cache = NegativesCache()
 
     # -- the step ---------------------------------------------------------------------------------
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,17 +128,24 @@ class LitSuperCLIP(LightningModule):
             return x
         return self.all_gather(x, sync_grads=True).flatten(0, 1)
 
-    def compute_losses(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Named loss terms of one batch, with the IDF weights as they stand."""
-        out = self.model(batch["pixel_values"], batch["input_ids"], batch.get("attention_mask"))
-        image, text = out["image_embeds"], out["text_embeds"]
-        offset = self.trainer.global_rank * image.shape[0]
+    def _forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        return self.model(batch["pixel_values"], batch["input_ids"], batch.get("attention_mask"))
+
+    def contrastive_term(self, out: dict[str, torch.Tensor | None], gather: bool = True) -> torch.Tensor:
+        """The contrastive (or SigLIP) loss of this rank's features against those of all ranks
+        (``gather=False``: against this rank's own, with no collective)."""
+        image, text, scale = out["image_embeds"], out["text_embeds"], out["logit_scale"]
+        everyone = self._gather if gather else (lambda x: x)
+        offset = self.global_rank * image.shape[0] if gather else 0
         if self.hparams.loss == "siglip":
-            con = siglip_loss(image, text, out["logit_scale"], out["logit_bias"], self._gather(text), offset)
-        else:
-            con = contrastive_loss(
-                image, text, out["logit_scale"], self._gather(image), self._gather(text), offset
-            )
+            return siglip_loss(image, text, scale, out["logit_bias"], everyone(text), offset)
+        return contrastive_loss(image, text, scale, everyone(image), everyone(text), offset)
+
+    def compute_losses(self, batch: dict[str, torch.Tensor], gather: bool = True) -> dict[str, torch.Tensor]:
+        """Named loss terms of one batch, with the IDF weights as they stand; ``gather=False``: this
+        rank's batch alone (no collective)."""
+        out = self._forward(batch)
+        con = self.contrastive_term(out, gather)
         terms = {"contrastive_loss": con, "loss": con}
         if self.doc_freq is not None:
             cls = classification_loss(
@@ -158,44 +156,107 @@ class LitSuperCLIP(LightningModule):
         terms["logit_scale"] = out["logit_scale"].detach()
         return terms
 
+    # -- training ---------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # Negatives across accumulation need every micro-batch of a step before any backward, which
+        # Lightning's automatic accumulation (a loss and a backward per micro-batch) cannot give: the
+        # module then optimises by hand. `trainer.accumulate_grad_batches` stays the user's knob (the
+        # data module, the step count and the loggers read it); Lightning refuses it with manual
+        # optimisation only in its checks before `setup`, so the switch happens here.
+        # It stays so after the fit (Lightning reads the step count from the loop of the mode in use).
+        if stage == "fit":
+            k = self.trainer.accumulate_grad_batches
+            self.automatic_optimization = not (self.hparams.accumulated_negatives and k > 1)
+            clip, plugin = self.trainer.gradient_clip_val, self.trainer.precision_plugin
+            if not self.automatic_optimization and clip and getattr(plugin, "scaler", None) is not None:
+                raise ValueError(
+                    f"trainer.gradient_clip_val={clip} with negatives across accumulation needs precision "
+                    "bf16-mixed or 32-true (16-mixed scales the gradients the clip would see); or set "
+                    "model.accumulated_negatives false"
+                )
+
+    def teardown(self, stage: str) -> None:
+        self._cache.clear()
+
     def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # Lightning's ThroughputMonitor reads `flops_per_batch` to log FLOP/s (and MFU where it knows the
         # device's peak); counted on the meta device once per batch shape, and only when it is asked for.
-        # Its Throughput divides the FLOPs it is given by the world size for the per-device figures, so
-        # they are those of the global batch: this rank's step x world size.
+        # The FLOPs are this device's: Throughput multiplies them by the world size for the global
+        # `flops_per_sec` and keeps them as they are for `device/flops_per_sec` and `device/mfu`. Model
+        # FLOPs: with negatives across accumulation each micro-batch is encoded twice, but counted once.
+        if not self.automatic_optimization:
+            forget_logged_step_values(self.trainer)
         if not any(isinstance(c, ThroughputMonitor) for c in self.trainer.callbacks):
             return
         shape = tuple(batch["input_ids"].shape)
         if getattr(self, "_flops_shape", None) != shape:
             head = self.model.head is not None
-            flops = training_step_flops(self.model.config, head, *shape)
-            self.flops_per_batch = flops * self.trainer.world_size
+            self.flops_per_batch = training_step_flops(self.model.config, head, *shape)
             self._flops_shape = shape
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         if self.doc_freq is not None:  # weights over the run so far, the current global batch included
             self.doc_freq.update(class_targets(batch), self.ignore_ids)
-        terms = self.compute_losses(batch)
-        batch_size = batch["input_ids"].shape[0]
-        self.samples_seen += batch_size * self.trainer.world_size
+        size = batch["input_ids"].shape[0]
+        self.samples_seen += size * self.trainer.world_size
+        if self.automatic_optimization:
+            terms = self.compute_losses(batch)
+        else:
+            terms = self._accumulated_step(batch)
+            if terms is None:  # more micro-batches to come in this step
+                return None
+            size = sum(b["input_ids"].shape[0] for b in self._cache.batches)
+            self._cache.clear()
         for name, value in terms.items():
             self.log(
                 f"train/{name}",
                 value,
                 prog_bar=name == "loss",
                 sync_dist=name != "logit_scale",
-                batch_size=batch_size,
+                batch_size=size,
             )
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
-        self.log("train/samples_seen", self.samples_seen.float(), batch_size=batch_size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
+        self.log("train/samples_seen", self.samples_seen.float(), batch_size=size)
+        if not self.automatic_optimization:
+            self._optimizer_step()
         return terms["loss"]
+
+    def _accumulated_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Encode the micro-batch without a graph; at the step's last one, backpropagate the loss of all."""
+        with torch.no_grad():
+            self._cache.add(batch, self._forward(batch))
+        # the step ends where Lightning's own accumulation would end it (K micro-batches or the epoch's end)
+        if self.trainer.fit_loop._should_accumulate():
+            return None
+        idf = self.doc_freq.idf() if self.doc_freq is not None else None
+        return cached_backward(self, self._cache, class_targets, idf)
+
+    def _optimizer_step(self) -> None:
+        optimizer, schedule = self.optimizers(), self.lr_schedulers()
+        if self.trainer.gradient_clip_val:  # Lightning clips only in automatic optimisation
+            self.clip_gradients(
+                optimizer, self.trainer.gradient_clip_val, self.trainer.gradient_clip_algorithm
+            )
+        optimizer.step()
+        clamp_logit_scale(self.model.clip.logit_scale)
+        optimizer.zero_grad()
+        schedule.step()
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)  # Lightning's (automatic) step, then the reference's clamp
+        clamp_logit_scale(self.model.clip.logit_scale)
 
     def _evaluation_step(self, batch: dict[str, torch.Tensor] | None, stage: str) -> None:
         # a data module without a val/test source yields one empty batch, so that the loop (and the
         # evaluation callbacks at its end) still runs
         if not batch:
             return
-        terms = self.compute_losses(batch)
+        # A local loss: each rank's batch against itself, with no collective. The finite validation
+        # streams are not in lockstep (a rank may have one batch more, or a smaller last one), so any
+        # gather here would hang or crash; the logged values are averaged over all ranks' samples once,
+        # at the epoch's end. With R ranks the contrastive loss is that of batches of `data.batch_size`
+        # (as on one device), not of R x `data.batch_size`.
+        terms = self.compute_losses(batch, gather=False)
         size = batch["input_ids"].shape[0]
         for name in ("loss", "contrastive_loss", "class_loss"):
             if name in terms:
@@ -220,45 +281,20 @@ class LitSuperCLIP(LightningModule):
         text = self.model.encode_text(batch["input_ids"], batch.get("attention_mask"))
         return {"keys": batch["keys"], "image_embeds": image, "text_embeds": text}
 
-    # -- optimisation -----------------------------------------------------------------------------
+    # -- optimisation, sharding (ModelParallelStrategy: FSDP2 on any device) and compilation -------
     def configure_optimizers(self):
         hp = self.hparams
-        groups = param_groups(self, hp.weight_decay)
-        # the fused kernel updates all tensors at once: on CPU ~7x faster than the default per-tensor
-        # loop, which matters for the head's vocab x width matrix (49408 x 768 for B/16)
-        fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=hp.betas, eps=hp.eps, fused=fused)
         total = self.trainer.max_steps
         if total is None or total < 0:
             total = int(self.trainer.estimated_stepping_batches)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio)
+        return adamw_with_schedule(
+            self, hp.lr, hp.betas, hp.eps, hp.weight_decay, hp.warmup_steps, total, hp.min_lr_ratio
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-    # -- sharding (ModelParallelStrategy: FSDP2 on any device, CPU included) and compilation ------
-    def _encoder_layers(self) -> list[nn.Module]:
-        clip = self.model.clip
-        return [*clip.vision_model.encoder.layers, *clip.text_model.encoder.layers]
 
     def configure_model(self) -> None:
         # Lightning calls this at every fit / validate / test: it must be idempotent
-        self._shard()
+        shard(self.model, self.device_mesh)
         if self.hparams.compile and not getattr(self, "_compiled", False):
-            for layer in self._encoder_layers():
+            for layer in encoder_layers(self.model):
                 layer.compile()  # in place: parameter names (and checkpoints) stay the same
             self._compiled = True
-
-    def _shard(self) -> None:
-        from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
-
-        mesh = self.device_mesh
-        if mesh is None or isinstance(self.model, FSDPModule):
-            return
-        dp_mesh = mesh["data_parallel"]
-        for layer in self._encoder_layers():
-            fully_shard(layer, mesh=dp_mesh)
-        fully_shard(self.model, mesh=dp_mesh)
-        # evaluation calls these instead of forward: they must gather the sharded root parameters too
-        register_fsdp_forward_method(self.model, "encode_image")
-        register_fsdp_forward_method(self.model, "encode_text")

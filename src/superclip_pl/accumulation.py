@@ -1,0 +1,109 @@
+"""Negatives across gradient accumulation: one contrastive loss over all micro-batches of a step.
+
+Technique: gradient caching (Gao et al., 2021, "Scaling Deep Contrastive Learning Batch Size under
+Memory Limited Setup"), not open_clip's feature cache. Why:
+- Every micro-batch is first encoded without a graph; only its inputs and its (B, E) embeddings are
+  kept. At the step's last micro-batch the loss of all of them (and of all ranks, gathered) gives the
+  embeddings' gradients; then each micro-batch is re-encoded with autograd and backpropagated with its
+  embedding gradient, one at a time. Activation memory is that of one micro-batch whatever the count.
+- open_clip's cache re-forwards each micro-batch with the others' cached features and backpropagates
+  the full loss each time: the same compute, but the loss is evaluated K times, and the DDP gradient
+  reduction must be held back by hand in the same way. Gradient caching needs one loss per step.
+- Each re-encoded backward is an ordinary forward + backward of the model, so gradient checkpointing,
+  bf16 autocast (the strategy's precision context wraps the training step) and FSDP2 (re-forwards go
+  through the fully sharded modules) work unchanged. Gradient reduction is held back (DDP ``no_sync``,
+  FSDP2 ``set_requires_gradient_sync(False)``) for all but the last backward, so it happens once.
+- The last backward also carries the logit scale's (and SigLIP bias') gradient, so that under DDP
+  every parameter takes part in the synchronised backward.
+The cost: each micro-batch is encoded twice (about 4/3 of plain accumulation's compute without
+checkpointing). The class loss has no cross-sample terms: it is computed per micro-batch in the
+re-encoding, with the IDF weights of the whole step (every micro-batch's captions counted once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from superclip_pl.losses import classification_loss
+from superclip_pl.sharding import gradient_sync
+
+
+@dataclass
+class NegativesCache:
+    """The micro-batches of the optimizer step so far: inputs and graph-free embeddings."""
+
+    batches: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    images: list[torch.Tensor] = field(default_factory=list)  # each (B_k, E)
+    texts: list[torch.Tensor] = field(default_factory=list)
+    logit_scale: torch.Tensor | None = None
+    logit_bias: torch.Tensor | None = None
+
+    def add(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor | None]) -> None:
+        self.batches.append(batch)
+        self.images.append(out["image_embeds"].detach())
+        self.texts.append(out["text_embeds"].detach())
+        self.logit_scale = out["logit_scale"].detach()
+        self.logit_bias = None if out["logit_bias"] is None else out["logit_bias"].detach()
+
+    def clear(self) -> None:
+        self.__init__()
+
+
+def _leaf(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().float().requires_grad_(True)
+
+
+def cached_backward(module, cache: NegativesCache, targets, idf) -> dict[str, torch.Tensor]:
+    """Backward of the step's loss over all cached micro-batches; returns the loss terms (detached).
+
+    ``module`` is the LitSuperCLIP (its ``model``, ``contrastive_term``, ``manual_backward``, hparams);
+    ``targets(batch)`` gives a micro-batch's class targets; ``idf`` the step's IDF weights (or None).
+    """
+    hp = module.hparams
+    images, texts = _leaf(torch.cat(cache.images)), _leaf(torch.cat(cache.texts))  # (K*B, E), fp32
+    scale = _leaf(cache.logit_scale)
+    bias = None if cache.logit_bias is None else _leaf(cache.logit_bias)
+    cached = {"image_embeds": images, "text_embeds": texts, "logit_scale": scale, "logit_bias": bias}
+    con = module.contrastive_term(cached)
+    leaves = [images, texts, scale] + ([bias] if bias is not None else [])
+    # through the gather's backward: each rank's embeddings get the gradient of every rank's loss
+    grads = torch.autograd.grad(con, leaves)
+    sizes = [x.shape[0] for x in cache.images]
+    grad_images, grad_texts = grads[0].split(sizes), grads[1].split(sizes)
+    total = images.shape[0]
+    wrapper, last = module.trainer.strategy.model, len(cache.batches) - 1
+    class_loss = torch.zeros((), device=images.device)
+    for k, batch in enumerate(cache.batches):
+        with gradient_sync(wrapper, module.model, enabled=k == last):
+            out = module.model(batch["pixel_values"], batch["input_ids"], batch.get("attention_mask"))
+            surrogate = (out["image_embeds"].float() * grad_images[k]).sum()
+            surrogate = surrogate + (out["text_embeds"].float() * grad_texts[k]).sum()
+            if k == last:
+                surrogate = surrogate + out["logit_scale"].float() * grads[2]
+                if bias is not None:
+                    surrogate = surrogate + out["logit_bias"].float() * grads[3]
+            if idf is not None:
+                # the class loss of the whole step is the mean over its samples: weight n_k / N
+                cls = classification_loss(out["vocab_logits"], targets(batch), idf, module.ignore_ids)
+                cls = cls * (batch["input_ids"].shape[0] / total)
+                class_loss += cls.detach()
+                surrogate = surrogate + hp.class_loss_weight * cls
+            module.manual_backward(surrogate)
+    terms = {"contrastive_loss": con.detach(), "loss": con.detach()}
+    if idf is not None:
+        terms["class_loss"] = class_loss
+        terms["loss"] = con.detach() + hp.class_loss_weight * class_loss
+    terms["logit_scale"] = cache.logit_scale
+    return terms
+
+
+def forget_logged_step_values(trainer) -> None:
+    """Call at each micro-batch's start. After every batch Lightning writes the step values logged last;
+    its own accumulation skips the micro-batches that do not step, manual optimisation does not, and a
+    step's values would be written again at each micro-batch of the next step. Only the stepping batch
+    logs anew."""
+    for metric in trainer._results.values():
+        if metric.meta.fx == "training_step":
+            metric._forward_cache = None
