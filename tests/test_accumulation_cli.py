@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from shards import write_shards
-from superclip_pl.cli import main
+from superclip_pl.cli import build_cli
 from test_cli import debug_fit, scalars, shapes  # noqa: F401 (shapes: the data set fixture)
 
 
 def fit_losses(save_dir: str, accumulate: int, *extra: str) -> dict[str, list[float]]:
     """3 steps, validating after the last (the interval counts micro-batches)."""
     extra = ("--trainer.accumulate_grad_batches", str(accumulate), "--trainer.log_every_n_steps", "1", *extra)
-    fit = main(debug_fit(3, 3 * accumulate, "--trainer.logger.init_args.save_dir", save_dir, *extra))
+    fit = build_cli(debug_fit(3, 3 * accumulate, "--trainer.logger.init_args.save_dir", save_dir, *extra))
     log_dir = Path(fit.trainer.log_dir)
     return {
         tag: scalars(log_dir, tag) for tag in ("train/contrastive_loss", "train/loss", "train/samples_seen")
@@ -43,7 +43,7 @@ def test_two_same_seed_runs_with_a_worker_and_accumulation_repeat_exactly(shapes
     runs = []
     for name in ("first", "second"):
         extra = ["--data.num_workers", "1", "--trainer.accumulate_grad_batches", "2"]
-        fit = main(debug_fit(4, 4, "--trainer.logger.init_args.save_dir", f"outputs/repeat_{name}", *extra))
+        fit = build_cli(debug_fit(4, 4, "--trainer.logger.init_args.save_dir", f"outputs/repeat_{name}", *extra))
         log_dir = Path(fit.trainer.log_dir)
         runs.append((json.loads((log_dir / "metrics.json").read_text()), scalars(log_dir, "train/loss")))
     assert runs[0] == runs[1]
