@@ -107,8 +107,9 @@ def clip_config(
     if image_size is not None:
         cfg["vision_config"]["image_size"] = image_size
     if tokenizer is not None:
+        asked = (overrides or {}).get("text_config", {}).get("vocab_size")  # a user's value is kept
         cfg["text_config"].update(
-            vocab_size=len(tokenizer),
+            vocab_size=asked or len(tokenizer),
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
@@ -122,7 +123,7 @@ def check_tokenizer(config: CLIPConfig, tokenizer) -> None:
     if len(tokenizer) > tc.vocab_size:
         raise ValueError(
             f"tokenizer has {len(tokenizer)} tokens but the text tower's vocab_size is {tc.vocab_size}: "
-            "use the model's own tokenizer or a preset sized from this tokenizer"
+            "use the model's own tokenizer, or drop or raise backbone_config.text_config.vocab_size"
         )
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no eos_token: CLIP pools the text at the end-of-text token")
