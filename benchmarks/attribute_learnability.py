@@ -4,15 +4,17 @@
                                                 [--eval-every 250] [--style small]
 
 An upper bound for what contrastive or SuperCLIP training can reach in the same number of steps:
-the demo's vision tower (``tiny`` preset at the style's resolution: 32 px and patch 4 for ``small``,
-as ``configs/demo.yaml`` builds it; 64 px and patch 8 for ``classic``) and a head of the SuperCLIP head's form (LayerNorm + Linear
-on the post-LayerNorm patch-token mean) are trained with a multi-label loss on which values of the
-attribute are present (shape: the shapes in the scene; colour: the colours; count: the object count,
-one label), on freshly drawn training scenes of the style (the demo's distribution and training
-crop), with the demo's optimiser and schedule. Every ``eval-every`` steps it reports top-1 on the
-evaluation set of that attribute (``data/shapes/eval/<attribute>``, from ``make data``, which must
-be of the same style). Run it on every attribute before comparing methods on them: an attribute the
-tower cannot learn in the demo's budget even when told it directly cannot separate the methods.
+the demo's vision tower (``tiny`` preset at the style's resolution: 32 px and patch 4 for
+``small``, as ``configs/demo.yaml`` builds it; 64 px and patch 8 for ``classic``) and a head of the
+SuperCLIP head's form (LayerNorm + Linear on the post-LayerNorm patch-token mean) are trained with
+a multi-label loss on which values of the attribute are present (shape: the shapes in the scene;
+colour: the colours; size: the sizes; count: the object count, one label), on freshly drawn
+training scenes of the style (the demo's distribution and training crop), with the demo's
+optimiser and schedule. Every ``eval-every`` steps it reports top-1 on the evaluation set of that
+attribute (``data/shapes/eval/<attribute>``, from ``make data``, which must be of the same style).
+``--attribute all`` checks every attribute the style's data set evaluates. Run it before comparing
+methods on them: an attribute the tower cannot learn in the demo's budget even when told it
+directly cannot separate the methods.
 """
 
 from __future__ import annotations
@@ -32,16 +34,15 @@ from superclip_pl.module import param_groups, warmup_cosine
 from superclip_pl.shapes.scenes import STYLES, render_scene, sample_scene
 from superclip_pl.transforms import eval_transform, train_transform
 
-ATTRIBUTES = ("shape", "colour", "count")
+ATTRIBUTES = ("shape", "colour", "size", "count")
 # the demo model of each style: image size and overrides of the tiny preset (configs/demo.yaml for small)
 MODELS = {"small": (32, {"vision_config": {"patch_size": 4}}), "classic": (64, None)}
 
 
 def classes(attribute: str, style: str) -> tuple[str, ...]:
     st = STYLES[style]
-    return {"shape": st.shapes, "colour": st.colours, "count": ("one", "two", "three")[: st.max_objects]}[
-        attribute
-    ]
+    values = {"shape": st.shapes, "colour": st.colours, "size": tuple(st.sizes)}
+    return values.get(attribute, ("one", "two", "three")[: st.max_objects])
 
 
 def targets(scene: dict, attribute: str, style: str) -> torch.Tensor:
@@ -132,7 +133,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-root", help="evaluation set (default: data/shapes/eval/<attribute>)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    attributes = ATTRIBUTES if args.attribute == "all" else (args.attribute,)
+    evaluated = ("shape", "colour", "count") if args.style == "classic" else ("shape", "colour", "size")
+    attributes = evaluated if args.attribute == "all" else (args.attribute,)
     if args.eval_root and len(attributes) > 1:
         parser.error("--eval-root names one set: give --attribute too")
     results = {}

@@ -51,7 +51,7 @@ def test_same_seed_gives_identical_bytes_whatever_the_workers(data, tmp_path):
     )
     a, b = _tree(data), _tree(tmp_path / "b")
     data_files = [f for f in a if not f.startswith("tokenizer/")]
-    # train, 3 zero-shot classification sets, retrieval, the probe's train and test splits
+    # train, 3 zero-shot classification sets (shape, colour, size), retrieval, the probe's two splits
     assert sum(f.endswith(".tar") for f in data_files) == 3 + 3 * 2 + 1 + 2 + 2
     assert {f: a[f] for f in data_files} == {f: b[f] for f in data_files}
     # tokenizers' BPE trainer numbers the single-character tokens in hash-map order, so only the merges
@@ -99,13 +99,13 @@ def test_the_classic_style_gives_the_bytes_of_generator_version_2():
     assert digest.hexdigest() == "289843ca2aa6ecdc9a734509eb40f7b6479cd735944abd42c60e968a0c3e6f46"
 
 
-def test_the_small_style_speaks_a_word_level_vocabulary_of_about_30_words():
+def test_the_small_style_speaks_a_word_level_vocabulary_of_about_20_words():
     rng = random.Random(0)
     words = set()
     for _ in range(500):
         words |= set(caption_scene(scenes.sample_scene(rng, None, DEMO), rng, None, "small").split())
     named = {*DEMO.shapes, *DEMO.colours, *DEMO.sizes}
-    assert named <= words and len(words) <= 35
+    assert named <= words and len(words) <= 30
 
 
 @pytest.mark.parametrize("style", list(STYLES))
@@ -144,7 +144,8 @@ def test_objects_are_apart_inside_the_border_and_drawn_in_their_colour(style):
         for o in objs:  # a ring is hollow: look inside its band instead of at its centre
             dx = 0.8 * o["radius"] if o["shape"] == "ring" else 0.0
             pixel = img.getpixel((round((o["x"] + dx) * 128), round(o["y"] * 128)))
-            assert math.dist(pixel, scenes.COLOUR_RGB[o["colour"]]) < 60, (o, pixel)
+            assert math.dist(pixel, scenes.object_rgb(o)) < 60, (o, pixel)
+            assert math.dist(scenes.object_rgb(o), scenes.COLOUR_RGB[o["colour"]]) <= 3**0.5 * st.tint
 
 
 @pytest.mark.parametrize("name", list(dataset.eval_sets("small")))
@@ -153,7 +154,7 @@ def test_classification_sets_follow_clip_benchmark_layout(data, name):
     classes = (root / "classnames.txt").read_text().splitlines()
     assert classes == dataset.eval_sets("small")[name][0]
     templates = (root / "zeroshot_classification_templates.txt").read_text().splitlines()
-    assert len(templates) >= 3 and all("{c}" in t for t in templates)
+    assert templates and all("{c}" in t for t in templates)
     nshards = int((root / "test/nshards.txt").read_text())
     assert sorted(p.name for p in (root / "test").glob("*.tar")) == [f"{i}.tar" for i in range(nshards)]
     samples = [s for i in range(nshards) for s in _members(root / f"test/{i}.tar").values()]
@@ -165,7 +166,8 @@ def test_classification_sets_follow_clip_benchmark_layout(data, name):
     if name == "colour":  # the label is the colour actually drawn: at least a small object's worth of it
         for im, label in zip(images, labels, strict=True):
             rgb = scenes.COLOUR_RGB[classes[label]]
-            assert (np.linalg.norm(np.asarray(im, float) - rgb, axis=-1) < 40).sum() > 15, classes[label]
+            near = 40 + 3**0.5 * DEMO.tint  # the object's tint moves it this far at most
+            assert (np.linalg.norm(np.asarray(im, float) - rgb, axis=-1) < near).sum() > 15, classes[label]
 
 
 def test_the_probe_set_has_train_and_test_splits_labelled_by_shape(data):
@@ -218,7 +220,7 @@ def test_manifest_skips_a_matching_rerun_and_redoes_a_changed_one(tmp_path):
         "train": 20,
         "shape": 8,
         "colour": 8,
-        "count": 8,
+        "size": 8,
         "retrieval": 8,
         "probe/train": 8,
         "probe/test": 8,

@@ -26,7 +26,7 @@ from superclip_pl.shapes.demo import METHODS
 from superclip_pl.shapes.runs import Run, headline, pyplot, run_all
 
 HEADLINES = {
-    "zeroshot_mean_top1": "zero-shot top-1 (mean of shape, colour, count)",
+    "zeroshot_mean_top1": "zero-shot top-1 (mean of shape, colour, size)",
     "retrieval_mean_R@1": "retrieval R@1 (mean of i2t, t2i)",
     "probe_top1": "linear probe top-1 (shape)",
 }

@@ -61,28 +61,11 @@ _TEMPLATES = {
             "{c} on a plain background.",
         ],
     },
+    # prompt ensembles over the other attributes, in the captions' own words
     "small": {
-        "shape": [
-            "a photo of a {c}",
-            "a {c}",
-            "a picture of a {c}",
-            "a simple drawing of a {c}",
-            "there is a {c}",
-        ],
-        "colour": [
-            "a photo of one {c} shape",
-            "one {c} object",
-            "a picture of one {c} shape",
-            "an image with one {c} object",
-            "there is one {c} shape",
-        ],
-        "count": [
-            "a photo of {c}",
-            "an image with {c}",
-            "a picture of {c}",
-            "a simple drawing of {c}",
-            "{c}",
-        ],
+        "shape": [f"a {z} {c} {{c}}" for z in ("small", "large") for c in STYLES["small"].colours],
+        "colour": [f"a {z} {{c}} {s}" for z in ("small", "large") for s in STYLES["small"].shapes],
+        "size": [f"a {{c}} {c} {s}" for c in STYLES["small"].colours for s in STYLES["small"].shapes],
     },
 }
 COUNT_CLASSES = ("one shape", "two shapes", "three shapes")
@@ -95,6 +78,7 @@ def eval_sets(style: str = DEFAULT_STYLE) -> dict[str, tuple[list[str], list[str
         "shape": list(st.shapes),
         "colour": list(st.colours),
         "count": list(COUNT_CLASSES[: st.max_objects]),
+        "size": list(st.sizes),
     }
     return {name: (classes[name], templates) for name, templates in _TEMPLATES[style].items()}
 
@@ -118,6 +102,10 @@ def _make_sample(
     elif kind == "count":
         label = index % st.max_objects
         scene = sample_scene(rng, label + 1, st)
+    elif kind == "size":
+        sizes = tuple(st.sizes)
+        label = index % len(sizes)
+        scene = sample_scene(rng, 1, st, size=sizes[label])
     elif kind == "retrieval":  # 2 or more objects, so that few captions fit more than one image
         scene = sample_scene(rng, rng.randint(2, st.max_objects), st)
     else:

@@ -49,6 +49,8 @@ class Style:
         size_words: size name -> the words captions may use for it.
         max_objects: objects per scene are 1 to this many.
         edge: objects stay this far (fraction of the side) from the border (training crops ~5% per side).
+        tint: each object's colour is shifted by up to this much per RGB channel (0-255 scale), so that
+            neighbouring colours come close and colour takes some learning.
     """
 
     name: str
@@ -59,6 +61,7 @@ class Style:
     size_words: dict[str, tuple[str, ...]]
     max_objects: int
     edge: float = 0.07
+    tint: int = 0
 
 
 STYLES = {
@@ -71,17 +74,19 @@ STYLES = {
         {"small": ("small", "little", "tiny"), "large": ("large", "big")},
         max_objects=3,
     ),
-    # 32 px for a patch-4 ViT: 6 shapes whose silhouettes stay apart at 8-16 px across, 6 colours of
-    # which neighbours (red/orange/yellow, blue/purple) need a second look, one word per size
+    # 32 px for a patch-4 ViT: 6 shapes whose silhouettes stay apart at 9-15 px across (no star: at
+    # this size it reads as a cross), 6 colours of which neighbours (red/orange/yellow, blue/purple),
+    # tinted, need a second look, one word per size
     "small": Style(
         "small",
         32,
-        ("circle", "square", "triangle", "star", "cross", "ring"),
+        ("circle", "square", "triangle", "cross", "ring", "diamond"),
         ("red", "orange", "yellow", "green", "blue", "purple"),
-        {"small": (0.13, 0.15), "large": (0.19, 0.22)},
+        {"small": (0.14, 0.16), "large": (0.21, 0.24)},
         {"small": ("small",), "large": ("large",)},
         max_objects=2,
         edge=0.06,
+        tint=40,
     ),
 }
 DEFAULT_STYLE = "small"
@@ -165,6 +170,8 @@ def sample_scene(
             obj.update(row=ROWS[row], col=COLS[col], x=round(x, 4), y=round(y, 4), radius=round(r, 4))
             turns = obj["shape"] not in ("circle", "ring")
             obj["rotation"] = round(rng.uniform(-12, 12), 2) if turns else 0.0
+            if style.tint:  # drawn last, so that styles without a tint keep their random stream
+                obj["tint"] = [rng.randint(-style.tint, style.tint) for _ in range(3)]
             objects.append(obj)
         apart = all(
             math.dist((a["x"], a["y"]), (b["x"], b["y"])) >= a["radius"] + b["radius"] + 0.03
@@ -174,6 +181,12 @@ def sample_scene(
         if apart and len(looks) == n:
             return {"background": background, "shade": shade, "objects": objects}
     raise RuntimeError(f"could not place {n} objects with {fixed}; relax the fixed attributes")
+
+
+def object_rgb(obj: dict) -> tuple[int, int, int]:
+    """The colour an object is drawn in: its colour's RGB, shifted by its tint (if its style has one)."""
+    tint = obj.get("tint", (0, 0, 0))
+    return tuple(min(max(c + t, 0), 255) for c, t in zip(COLOUR_RGB[obj["colour"]], tint, strict=True))
 
 
 def render_scene(scene: dict, image_size: int = 64, supersample: int = 4) -> Image.Image:
@@ -188,7 +201,7 @@ def render_scene(scene: dict, image_size: int = 64, supersample: int = 4) -> Ima
     img = Image.fromarray(bg).resize((side, side), Image.NEAREST)
     draw = ImageDraw.Draw(img)
     for obj in scene["objects"]:
-        fill = COLOUR_RGB[obj["colour"]]
+        fill = object_rgb(obj)
         cx, cy, r = obj["x"] * side, obj["y"] * side, obj["radius"] * side
         if obj["shape"] == "ring":
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=fill, width=max(1, round(0.42 * r)))
