@@ -53,7 +53,7 @@ clean:  ## remove outputs and caches (keeps .venv and data)
 data: $(STAMP)  ## render the demo data set into data/shapes (skipped when already up to date)
 	$(BIN)/python -m superclip_pl.shapes.dataset --output-dir data/shapes
 
-demo: $(STAMP)  ## train CLIP and SuperCLIP on the shapes data (makes it if missing), compare them
+demo: $(STAMP)  ## train CLIP and SuperCLIP on the shapes data (makes it if missing), compare them; ARGS="--seeds 0 1 2" for more seeds
 	$(BIN)/python -m superclip_pl.shapes.dataset --output-dir data/shapes
 	$(BIN)/python -m superclip_pl.demo $(ARGS)
 
