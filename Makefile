@@ -53,14 +53,15 @@ clean:  ## remove outputs and caches (keeps .venv and data)
 data: $(STAMP)  ## render the demo data set into data/shapes (skipped when already up to date)
 	$(BIN)/python -m superclip_pl.shapes.dataset --output-dir data/shapes
 
-demo: $(STAMP)  ## train CLIP and SuperCLIP on the shapes data (makes it if missing), compare them
+demo: $(STAMP)  ## train CLIP and SuperCLIP on the shapes data (makes it if missing), compare them; ARGS="--seeds 0 1 2" for more seeds
 	$(BIN)/python -m superclip_pl.shapes.dataset --output-dir data/shapes
-	$(BIN)/python -m superclip_pl.shapes.demo
+	$(BIN)/python -m superclip_pl.demo $(ARGS)
 
-# the README's result: batch 16, 3 seeds, 120k samples each, evaluated every 1,250 steps (learning curves in
-# TensorBoard). ARGS replaces all of it, e.g. ARGS="--batch-sizes 8 16 32 64 128" (the grid at 40k samples)
-ABLATION := --batch-sizes 16 32 64 --seeds 0 1 2 --samples 120000 --eval-every 20000
-ablation: $(STAMP)  ## CLIP vs SuperCLIP at batch 16/32/64, 3 seeds, 120k samples (~4 h on 2 cores, batch 16 first); ARGS=... to change
+# the README's grid on the demo set: batch 16/32/64/128, 3 seeds, 40k samples each, evaluated every 10k
+# samples (learning curves in TensorBoard); about 2 hours on 2 cores. ARGS replaces all of it, e.g.
+# ARGS="--batch-sizes 16 128 --seeds 0 --samples 2000" (a quick end-to-end check)
+ABLATION := --batch-sizes 16 32 64 128 --seeds 0 1 2 --samples 40000 --eval-every 10000
+ablation: $(STAMP)  ## CLIP vs SuperCLIP at batch 16/32/64/128, 3 seeds, 40k samples (~2 h on 2 cores); ARGS=... to change
 	$(BIN)/python -m superclip_pl.shapes.dataset --output-dir data/shapes
 	$(BIN)/python -m superclip_pl.shapes.ablation $(or $(ARGS),$(ABLATION))
 

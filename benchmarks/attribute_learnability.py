@@ -1,14 +1,20 @@
 """How fast the vision tower can learn one attribute when it is told it directly.
 
-    python benchmarks/attribute_learnability.py [--attribute shape] [--steps 2500] [--eval-every 500]
+    python benchmarks/attribute_learnability.py [--attribute shape|colour|count|all] [--steps 1250]
+                                                [--eval-every 250] [--style small]
 
 An upper bound for what contrastive or SuperCLIP training can reach in the same number of steps:
-the demo's vision tower (``tiny`` preset) and a head of the SuperCLIP head's form (LayerNorm + Linear
-on the post-LayerNorm patch-token mean) are trained with a multi-label loss on which values of the
-attribute are present (shape: the shapes in the scene; colour: the colours; count: the object count,
-one label), on freshly drawn training scenes (the demo's distribution and training crop), with the
-demo's optimiser and schedule. Every ``eval-every`` steps it reports top-1 on the single-object
-evaluation set of that attribute (``data/shapes/eval/<attribute>``, from ``make data``).
+the demo's vision tower (``tiny`` preset at the style's resolution: 32 px and patch 4 for
+``small``, as ``configs/demo.yaml`` builds it; 64 px and patch 8 for ``classic``) and a head of the
+SuperCLIP head's form (LayerNorm + Linear on the post-LayerNorm patch-token mean) are trained with
+a multi-label loss on which values of the attribute are present (shape: the shapes in the scene;
+colour: the colours; size: the sizes; count: the object count, one label), on freshly drawn
+training scenes of the style (the demo's distribution and training crop), with the demo's
+optimiser and schedule. Every ``eval-every`` steps it reports top-1 on the evaluation set of that
+attribute (``data/shapes/eval/<attribute>``, from ``make data``, which must be of the same style).
+``--attribute all`` checks every attribute the style's data set evaluates. Run it before comparing
+methods on them: an attribute the tower cannot learn in the demo's budget even when told it
+directly cannot separate the methods.
 """
 
 from __future__ import annotations
@@ -25,20 +31,29 @@ from torch import nn
 from superclip_pl.eval.sets import load_classification_set
 from superclip_pl.model import SuperCLIP
 from superclip_pl.module import param_groups, warmup_cosine
-from superclip_pl.shapes.scenes import COLOURS, SHAPES, render_scene, sample_scene
+from superclip_pl.shapes.scenes import STYLES, render_scene, sample_scene
 from superclip_pl.transforms import eval_transform, train_transform
 
-CLASSES = {"shape": SHAPES, "colour": COLOURS, "count": ("one", "two", "three")}
+ATTRIBUTES = ("shape", "colour", "size", "count")
+# the demo model of each style: image size and overrides of the tiny preset (configs/demo.yaml for small)
+MODELS = {"small": (32, {"vision_config": {"patch_size": 4}}), "classic": (64, None)}
 
 
-def targets(scene: dict, attribute: str) -> torch.Tensor:
+def classes(attribute: str, style: str) -> tuple[str, ...]:
+    st = STYLES[style]
+    values = {"shape": st.shapes, "colour": st.colours, "size": tuple(st.sizes)}
+    return values.get(attribute, ("one", "two", "three")[: st.max_objects])
+
+
+def targets(scene: dict, attribute: str, style: str) -> torch.Tensor:
     """Multi-hot vector of the attribute's values present in ``scene``."""
-    y = torch.zeros(len(CLASSES[attribute]))
+    values = classes(attribute, style)
+    y = torch.zeros(len(values))
     if attribute == "count":
         y[len(scene["objects"]) - 1] = 1
     else:
         for obj in scene["objects"]:
-            y[CLASSES[attribute].index(obj[attribute])] = 1
+            y[values.index(obj[attribute])] = 1
     return y
 
 
@@ -52,12 +67,14 @@ def run(
     eval_every: int = 500,
     eval_root: str | None = None,
     seed: int = 0,
+    style: str = "small",
 ) -> dict:
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    vision = SuperCLIP.build("tiny", head=False).clip.vision_model
+    image_size, overrides = MODELS[style]
+    vision = SuperCLIP.build("tiny", image_size=image_size, overrides=overrides, head=False).clip.vision_model
     width, size = vision.config.hidden_size, vision.config.image_size
-    head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, len(CLASSES[attribute])))
+    head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, len(classes(attribute, style))))
     groups = param_groups(nn.ModuleList([vision, head]), weight_decay)  # the demo's decay / no-decay split
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup, steps, 0.0))
@@ -74,9 +91,9 @@ def run(
 
     curve, start = [], time.perf_counter()
     for step in range(1, steps + 1):
-        scenes = [sample_scene(rng) for _ in range(batch_size)]
+        scenes = [sample_scene(rng, None, STYLES[style]) for _ in range(batch_size)]
         pixels = torch.stack([augment(render_scene(s, size)) for s in scenes])
-        labels = torch.stack([targets(s, attribute) for s in scenes])
+        labels = torch.stack([targets(s, attribute, style) for s in scenes])
         loss = F.binary_cross_entropy_with_logits(logits(pixels), labels)
         opt.zero_grad()
         loss.backward()
@@ -95,7 +112,8 @@ def run(
             )
     return {
         "attribute": attribute,
-        "chance": 1 / len(CLASSES[attribute]),
+        "style": style,
+        "chance": 1 / len(classes(attribute, style)),
         "batch_size": batch_size,
         "lr": lr,
         "curve": curve,
@@ -106,25 +124,36 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--attribute", choices=sorted(CLASSES), default="shape")
-    parser.add_argument("--steps", type=int, default=2500)
+    parser.add_argument("--attribute", choices=[*ATTRIBUTES, "all"], default="all")
+    parser.add_argument("--style", choices=sorted(MODELS), default="small")
+    parser.add_argument("--steps", type=int, default=1250, help="the demo's 20k samples at batch 16")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--eval-root", help="evaluation set (default: data/shapes/eval/<attribute>)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    result = run(
-        args.attribute,
-        args.steps,
-        args.batch_size,
-        args.lr,
-        eval_every=args.eval_every,
-        eval_root=args.eval_root,
-        seed=args.seed,
-    )
-    print(json.dumps(result, indent=1))
-    return result
+    evaluated = ("shape", "colour", "count") if args.style == "classic" else ("shape", "colour", "size")
+    attributes = evaluated if args.attribute == "all" else (args.attribute,)
+    if args.eval_root and len(attributes) > 1:
+        parser.error("--eval-root names one set: give --attribute too")
+    results = {}
+    for attribute in attributes:
+        results[attribute] = run(
+            attribute,
+            args.steps,
+            args.batch_size,
+            args.lr,
+            eval_every=args.eval_every,
+            eval_root=args.eval_root,
+            seed=args.seed,
+            style=args.style,
+        )
+    print(json.dumps(results, indent=1))
+    for attribute, r in results.items():
+        curve = "  ".join(f"{p['step']}: {p['top1']:.2f}" for p in r["curve"])
+        print(f"{attribute:>7} (chance {r['chance']:.2f})  top-1 at step  {curve}")
+    return results
 
 
 if __name__ == "__main__":

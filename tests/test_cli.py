@@ -32,6 +32,7 @@ def shapes(tmp_path_factory):
         train_samples=256,
         eval_samples=24,
         retrieval_samples=24,
+        probe_samples=48,
         shard_size=64,
         num_workers=1,
         progress=False,
@@ -77,7 +78,9 @@ def test_debug_fit_then_validate_and_test(shapes, monkeypatch):
     for tag in ("train/contrastive_loss", "train/class_loss", "train/lr", "train/samples_seen", "val/loss"):
         assert scalars(log_dir, tag), tag
     assert scalars(log_dir, "train/samples_seen")[-1] == 24 * 8
-    assert json.loads((log_dir / "metrics.json").read_text())["zeroshot/shape/top1"] >= 0
+    final = json.loads((log_dir / "metrics.json").read_text())
+    assert final["zeroshot/shape/top1"] >= 0
+    assert 0 <= final["linprobe/probe/top1"] <= 1  # the debug config's probe, on the probe set's splits
 
     for stage in ("validate", "test"):
         run = build_cli(
@@ -173,10 +176,12 @@ def test_shortened_demo_writes_its_summary_and_plot(shapes, monkeypatch):
     assert (out / "comparison.png").stat().st_size > 1000
     saved = json.loads((out / "summary.json").read_text())
     assert saved["setup"]["samples"] == 48 and saved["setup"]["batch_size"] == 8
+    assert saved["setup"]["seeds"] == [0]
+    runs = saved["seeds"]["0"]
     for method in ("clip", "superclip"):
-        assert set(SHAPES_METRICS) <= set(saved[method])
-        assert saved[method]["train/samples_seen"] == 48
-    assert "train/class_loss" in saved["superclip"] and "train/class_loss" not in saved["clip"]
+        assert set(SHAPES_METRICS) <= set(runs[method])
+        assert runs[method]["train/samples_seen"] == 48
+    assert "train/class_loss" in runs["superclip"] and "train/class_loss" not in runs["clip"]
     assert {r["metric"] for r in saved["comparison"]} >= set(SHAPES_METRICS)
     assert summary["comparison"] == saved["comparison"]
     assert list((out / "superclip").rglob("events.out.tfevents.*"))

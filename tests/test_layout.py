@@ -35,11 +35,35 @@ MODULES = {module_name(p): p for p in PACKAGE.rglob("*.py")}
 GRAPH = {m: {i for i in imports_of(p) if i in MODULES and i != m} for m, p in MODULES.items()}
 
 
+def dynamic_imports(path: Path) -> list[tuple[str, bool]]:
+    """Modules a file loads by name (``runpy.run_module``, ``importlib.import_module``, ``__import__``),
+    each with whether the call sits under ``if __name__ == "__main__":`` (runs as a script only)."""
+    tree = ast.parse(path.read_text())
+    guarded = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("__name__ == '__main__'",)
+        for n in ast.walk(node)
+    }
+    out = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or not node.args or not isinstance(node.args[0], ast.Constant):
+            continue
+        name = getattr(node.func, "attr", getattr(node.func, "id", None))
+        if name in ("run_module", "import_module", "__import__") and isinstance(node.args[0].value, str):
+            out.append((node.args[0].value, id(node) in guarded))
+    return out
+
+
 def test_the_library_never_imports_the_demo():
     library = [m for m in MODULES if not m.startswith("superclip_pl.shapes")]
     offenders = {m: sorted(i for i in GRAPH[m] if i.startswith("superclip_pl.shapes")) for m in library}
     assert {m: i for m, i in offenders.items() if i} == {}
     assert not any("matplotlib" in MODULES[m].read_text() for m in library)
+    # by name: only `python -m superclip_pl.demo` runs the demo, and only when run as a script
+    by_name = {m: dynamic_imports(MODULES[m]) for m in library}
+    shapes = {m: d for m, loads in by_name.items() for d in loads if d[0].startswith("superclip_pl.shapes")}
+    assert shapes == {"superclip_pl.demo": ("superclip_pl.shapes.demo", True)}
 
 
 def test_imports_go_one_way():

@@ -87,3 +87,39 @@ def test_eval_every_below_one_is_refused_in_one_line(capsys):
     with pytest.raises(SystemExit):
         main(["--eval-every", "0"])
     assert "--eval-every 0: give a number of samples >= 1" in capsys.readouterr().err
+
+
+def test_headline_carries_the_probe_when_the_run_had_one():
+    m = {**metrics(0.5, 0.2), "linprobe/probe/top1": 0.7}
+    assert headline(m)["probe_top1"] == 0.7
+    assert "probe_top1" not in headline(metrics(0.5, 0.2))
+
+
+def test_ablation_summary_keeps_only_the_numbers_every_run_has():
+    runs = {}
+    for seed, probe in ((0, True), (1, False)):  # seed 1 from before the probe existed
+        m = {**metrics(0.4, 0.2), **({"linprobe/probe/top1": 0.6} if probe else {})}
+        runs[f"clip/bs16/seed{seed}"] = {
+            "method": "clip",
+            "batch_size": 16,
+            "seed": seed,
+            "metrics": headline(m),
+        }
+    entry = summarise(runs)["clip"]["16"]
+    assert "probe_top1" not in entry and entry["zeroshot_mean_top1"]["values"] == pytest.approx([0.4, 0.4])
+
+
+def test_the_demo_table_shows_every_seed_their_mean_and_spread():
+    from superclip_pl.shapes.demo import comparison_table, format_seeds, mean_metrics
+
+    clip = [headline({**metrics(0.3 + d, 0.1 + d), "linprobe/probe/top1": 0.5}) for d in (0.0, 0.02)]
+    sup = [headline({**metrics(0.4 + d, 0.2 + d), "linprobe/probe/top1": 0.6}) for d in (0.0, 0.04)]
+    mean = mean_metrics(sup)
+    assert mean["zeroshot_mean_top1"] == pytest.approx(0.42) and mean["probe_top1"] == pytest.approx(0.6)
+    rows = {r["metric"]: r for r in comparison_table(mean_metrics(clip), mean)}
+    assert rows["retrieval_mean_R@1"]["difference"] == pytest.approx(0.11)
+    lines = format_seeds([3, 5], clip, sup).splitlines()
+    assert [line.split()[0] for line in lines] == ["seed", "3", "5", "mean", "spread"]
+    assert "0.420" in lines[3] and "+0.110" in lines[3]  # SuperCLIP's mean zero-shot, the R@1 gap
+    assert lines[4].split()[1:4] == ["0.020", "/", "0.040"]  # max - min over seeds, CLIP / SuperCLIP
+    assert len(format_seeds([0], clip[:1], sup[:1]).splitlines()) == 2  # one seed: no mean, no spread

@@ -18,92 +18,118 @@ import random
 import tarfile
 from pathlib import Path
 
+from superclip_pl.shapes.captions import TEMPLATES, caption_scene
 from superclip_pl.shapes.scenes import (
     BACKGROUNDS,
-    COLOURS,
-    N_TEMPLATES,
-    SHAPES,
-    SIZES,
-    caption_scene,
+    DEFAULT_STYLE,
+    STYLES,
+    get_style,
     render_scene,
     sample_scene,
 )
 
 # Bump when rendering or captions change, so that `make data` regenerates stale sets.
-GENERATOR_VERSION = 2  # 2: deterministic tokenizer merges
+# (The classic style's samples are byte-identical to version 2's.)
+GENERATOR_VERSION = 3  # 2: deterministic tokenizer merges; 3: scene styles, the linear-probe set
 
 RETRIEVAL_CAPTIONS = 3  # captions per retrieval image, each from a different template
+PROBE = "probe"  # the linear-probe set: one object per picture, its shape the label; train and test splits
 
-# CLIP_benchmark sets: name -> (class names, zero-shot templates); words all occur in training captions
-EVAL_SETS = {
-    "shape": (
-        list(SHAPES),
-        [
+# zero-shot prompts per style; every word occurs in that style's training captions
+_TEMPLATES = {
+    "classic": {
+        "shape": [
             "a photo of a {c}.",
             "a {c}.",
             "a picture of a {c}.",
             "a simple drawing of a {c}.",
             "an image of a {c}.",
         ],
-    ),
-    "colour": (
-        list(COLOURS),
         # no "a {c}": "a orange" would be a phrase the captions never use
-        [
+        "colour": [
             "a photo of the {c} shape.",
             "the {c} object.",
             "a picture of the {c} shape.",
             "an image with one {c} shape.",
             "one {c} object on a plain background.",
         ],
-    ),
-    "count": (
-        ["one shape", "two shapes", "three shapes"],
-        [
+        "count": [
             "a photo of {c}.",
             "an image with {c}.",
             "a picture of {c}.",
             "a simple drawing of {c}.",
             "{c} on a plain background.",
         ],
-    ),
+    },
+    # prompt ensembles over the other attributes, in the captions' own words
+    "small": {
+        "shape": [f"a {z} {c} {{c}}" for z in ("small", "large") for c in STYLES["small"].colours],
+        "colour": [f"a {z} {{c}} {s}" for z in ("small", "large") for s in STYLES["small"].shapes],
+        "size": [f"a {{c}} {c} {s}" for c in STYLES["small"].colours for s in STYLES["small"].shapes],
+    },
 }
+COUNT_CLASSES = ("one shape", "two shapes", "three shapes")
 
 
-def _make_sample(kind: str, seed: int, index: int, image_size: int) -> tuple[str, dict[str, bytes]]:
-    """One sample of ``kind`` (train, retrieval or an EVAL_SETS name) as webdataset members."""
+def eval_sets(style: str = DEFAULT_STYLE) -> dict[str, tuple[list[str], list[str]]]:
+    """The zero-shot classification sets of ``style``: name -> (class names, prompt templates)."""
+    st = get_style(style)
+    classes = {
+        "shape": list(st.shapes),
+        "colour": list(st.colours),
+        "count": list(COUNT_CLASSES[: st.max_objects]),
+        "size": list(st.sizes),
+    }
+    return {name: (classes[name], templates) for name, templates in _TEMPLATES[style].items()}
+
+
+EVAL_SETS = eval_sets("classic")  # the classic style's sets, under their old name
+
+
+def _make_sample(
+    kind: str, seed: int, index: int, image_size: int, style: str
+) -> tuple[str, dict[str, bytes]]:
+    """One sample of ``kind`` (train, retrieval, probe/<split> or a zero-shot set) as webdataset members."""
+    st = STYLES[style]
     rng = random.Random(f"{seed}/{kind}/{index}")  # str seeds hash with sha512: stable across runs
     label = None
-    if kind == "shape":
-        label = index % len(SHAPES)  # cycle the classes, so every set is balanced
-        scene = sample_scene(rng, 1, shape=SHAPES[label])
+    if kind in ("shape", f"{PROBE}/train", f"{PROBE}/test"):
+        label = index % len(st.shapes)  # cycle the classes, so every set is balanced
+        scene = sample_scene(rng, 1, st, shape=st.shapes[label])
     elif kind == "colour":
-        label = index % len(COLOURS)
-        scene = sample_scene(rng, 1, colour=COLOURS[label])
+        label = index % len(st.colours)
+        scene = sample_scene(rng, 1, st, colour=st.colours[label])
     elif kind == "count":
-        label = index % 3
-        scene = sample_scene(rng, label + 1)
-    elif kind == "retrieval":  # 2-3 objects, so that few captions fit more than one image
-        scene = sample_scene(rng, rng.randint(2, 3))
+        label = index % st.max_objects
+        scene = sample_scene(rng, label + 1, st)
+    elif kind == "size":
+        sizes = tuple(st.sizes)
+        label = index % len(sizes)
+        scene = sample_scene(rng, 1, st, size=sizes[label])
+    elif kind == "retrieval":  # 2 or more objects, so that few captions fit more than one image
+        scene = sample_scene(rng, rng.randint(2, st.max_objects), st)
     else:
-        scene = sample_scene(rng)
+        scene = sample_scene(rng, None, st)
     buf = io.BytesIO()
     render_scene(scene, image_size).save(buf, format="PNG", compress_level=1)  # flat images: 1 ~ 9 in size
     files = {"png": buf.getvalue()}
     if label is not None:
         files["cls"] = str(label).encode()
     elif kind == "retrieval":
-        caps = [caption_scene(scene, rng, t) for t in rng.sample(range(N_TEMPLATES), RETRIEVAL_CAPTIONS)]
+        caps = [
+            caption_scene(scene, rng, t, style)
+            for t in rng.sample(range(TEMPLATES[style]), RETRIEVAL_CAPTIONS)
+        ]
         files["txt"] = "\n".join(caps).encode()
     else:
-        files["txt"] = caption_scene(scene, rng).encode()
+        files["txt"] = caption_scene(scene, rng, None, style).encode()
         files["json"] = json.dumps(scene, sort_keys=True).encode()
     return f"s{index:07d}", files
 
 
-def _render_chunk(task: tuple[str, int, int, int, int]) -> list[tuple[str, dict[str, bytes]]]:
-    kind, seed, start, stop, image_size = task
-    return [_make_sample(kind, seed, i, image_size) for i in range(start, stop)]
+def _render_chunk(task: tuple[str, int, int, int, int, str]) -> list[tuple[str, dict[str, bytes]]]:
+    kind, seed, start, stop, image_size, style = task
+    return [_make_sample(kind, seed, i, image_size, style) for i in range(start, stop)]
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -118,7 +144,9 @@ def generate(
     eval_samples: int = 1000,
     retrieval_samples: int = 1000,
     seed: int = 0,
-    image_size: int = 64,
+    style: str = DEFAULT_STYLE,
+    image_size: int | None = None,
+    probe_samples: int = 1000,
     shard_size: int = 5000,
     vocab_size: int = 512,
     num_workers: int = 2,
@@ -127,6 +155,9 @@ def generate(
 ) -> dict:
     """Write train shards, eval sets, tokenizer and ``manifest.json`` under ``output_dir``; return it.
 
+    ``style`` names the scenes (``scenes.STYLES``); ``image_size`` defaults to the style's.
+    ``probe_samples`` is the size of the linear-probe set's train split (its test split has
+    ``eval_samples``).
     Does nothing when the manifest already records the same parameters (unless ``overwrite``).
     The output does not depend on ``num_workers``.
     """
@@ -134,14 +165,18 @@ def generate(
 
     from superclip_pl.shapes.bpe import train_bpe_tokenizer
 
+    image_size = image_size or get_style(style).image_size
+    zeroshot = eval_sets(style)
     out = Path(output_dir)
     params = dict(
         generator_version=GENERATOR_VERSION,
         seed=seed,
+        style=style,
         image_size=image_size,
         train_samples=train_samples,
         eval_samples=eval_samples,
         retrieval_samples=retrieval_samples,
+        probe_samples=probe_samples,
         shard_size=shard_size,
         vocab_size=vocab_size,
     )
@@ -157,8 +192,10 @@ def generate(
     # one entry per tar: its path and its render chunks (250 samples each, so the bar moves)
     shards: list[tuple[Path, list[tuple]]] = []
     sets = [("train", train_samples, out / "train", "shard-{:05d}.tar")]
-    sets += [(name, eval_samples, out / "eval" / name / "test", "{:d}.tar") for name in EVAL_SETS]
+    sets += [(name, eval_samples, out / "eval" / name / "test", "{:d}.tar") for name in zeroshot]
     sets.append(("retrieval", retrieval_samples, out / "eval" / "retrieval" / "test", "{:d}.tar"))
+    for split, total in (("train", probe_samples), ("test", eval_samples)):
+        sets.append((f"{PROBE}/{split}", total, out / "eval" / PROBE / split, "{:d}.tar"))
     for kind, total, folder, pattern in sets:
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob("*.tar"):  # a smaller rerun must not leave old shards to be globbed
@@ -169,13 +206,15 @@ def generate(
         for s in range(n_shards):
             stop = min((s + 1) * shard_size, total)
             chunks = [
-                (kind, seed, a, min(a + 250, stop), image_size) for a in range(s * shard_size, stop, 250)
+                (kind, seed, a, min(a + 250, stop), image_size, style)
+                for a in range(s * shard_size, stop, 250)
             ]
             shards.append((folder / pattern.format(s), chunks))
-    for name, (classes, templates) in EVAL_SETS.items():
+    for name, (classes, templates) in zeroshot.items():
         folder = out / "eval" / name
         (folder / "classnames.txt").write_text("\n".join(classes) + "\n")
         (folder / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
+    (out / "eval" / PROBE / "classnames.txt").write_text("\n".join(zeroshot["shape"][0]) + "\n")
     (out / "eval" / "retrieval" / "dataset_type.txt").write_text("retrieval\n")
 
     tasks = [c for _, chunks in shards for c in chunks]
@@ -209,13 +248,15 @@ def generate(
         "params": params,
         "counts": {kind: total for kind, total, _, _ in sets},
         "train_shards": max(1, math.ceil(train_samples / shard_size)),
-        "shapes": list(SHAPES),
-        "colours": list(COLOURS),
-        "sizes": list(SIZES),
+        "style": style,
+        "shapes": list(STYLES[style].shapes),
+        "colours": list(STYLES[style].colours),
+        "sizes": list(STYLES[style].sizes),
         "backgrounds": list(BACKGROUNDS),
         "eval_sets": {
-            **{k: {"type": "classification", "classes": v[0]} for k, v in EVAL_SETS.items()},
+            **{k: {"type": "classification", "classes": v[0]} for k, v in zeroshot.items()},
             "retrieval": {"type": "retrieval", "captions_per_image": RETRIEVAL_CAPTIONS},
+            PROBE: {"type": "linear probe", "classes": zeroshot["shape"][0], "splits": ["train", "test"]},
         },
         "tokenizer_vocab_size": len(tokenizer),
         "versions": {p: _version(p) for p in ("superclip-pl", "pillow", "tokenizers")},
@@ -242,7 +283,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-samples", type=int, default=1000, help="images per classification set")
     parser.add_argument("--retrieval-samples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument(
+        "--style", choices=sorted(STYLES), default=DEFAULT_STYLE, help="scene style (scenes.py)"
+    )
+    parser.add_argument("--image-size", type=int, help="image side in pixels (default: the style's)")
+    parser.add_argument("--probe-samples", type=int, default=1000, help="train split of the linear-probe set")
     parser.add_argument("--shard-size", type=int, default=5000, help="samples per tar shard")
     parser.add_argument("--vocab-size", type=int, default=512, help="BPE tokenizer vocabulary size")
     parser.add_argument("--num-workers", type=int, default=2, help="rendering processes")

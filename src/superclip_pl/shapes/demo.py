@@ -1,16 +1,18 @@
 """``make demo``: CLIP and SuperCLIP trained alike on the shapes data, evaluated, compared side by side.
 
-    python -m superclip_pl.shapes.demo [--samples 20000] [--batch-size 16] [--seed 0] [--jobs 2]
+    python -m superclip_pl.demo [--samples 20000] [--batch-size 16] [--seeds 0 1 | --seed 0] [--jobs 2]
 
-Both runs see the same data in the same order from the same initial towers; only the classification
-loss differs. Writes ``<out>/summary.json`` and ``<out>/comparison.png``; TensorBoard logs stay in
-``<out>/clip`` and ``<out>/superclip``.
+At each seed both runs see the same data in the same order from the same initial towers; only the
+classification loss differs. Prints the comparison of the means over seeds and the headline numbers
+seed by seed (with the spread between seeds). Writes ``<out>/summary.json`` and
+``<out>/comparison.png``; TensorBoard logs stay in ``<out>/clip/seed<S>`` and ``<out>/superclip/seed<S>``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -20,12 +22,26 @@ from superclip_pl.shapes.runs import SHAPES_METRICS, Run, headline, pyplot, run_
 METHODS = {"clip": ("demo.yaml", "demo_clip.yaml"), "superclip": ("demo.yaml",)}
 
 
+HEADLINE_NAMES = {
+    "zeroshot_mean_top1": "zero-shot mean top-1",
+    "retrieval_mean_R@1": "retrieval mean R@1",
+    "probe_top1": "linear probe top-1",
+}
+
+
 def comparison_table(clip: dict[str, float], superclip: dict[str, float]) -> list[dict]:
-    keys = [*SHAPES_METRICS, "zeroshot_mean_top1", "retrieval_mean_R@1"]
+    """One row per metric both runs have: CLIP, SuperCLIP and the difference."""
+    keys = [k for k in [*SHAPES_METRICS, *HEADLINE_NAMES] if k in clip and k in superclip]
     return [
         {"metric": k, "clip": clip[k], "superclip": superclip[k], "difference": superclip[k] - clip[k]}
         for k in keys
     ]
+
+
+def mean_metrics(runs: list[dict[str, float]]) -> dict[str, float]:
+    """The mean over seeds of every number all the runs have."""
+    keys = [k for k in runs[0] if all(k in r for r in runs)]
+    return {k: statistics.fmean(r[k] for r in runs) for k in keys}
 
 
 def format_table(rows: list[dict]) -> str:
@@ -38,10 +54,38 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def format_seeds(seeds: list[int], clip: list[dict], superclip: list[dict]) -> str:
+    """The headline numbers seed by seed, then their mean and the spread (max - min) over seeds."""
+    keys = [k for k in HEADLINE_NAMES if all(k in r for r in [*clip, *superclip])]
+    head = "  ".join(f"{HEADLINE_NAMES[k] + ' (CLIP / SuperCLIP / diff)':>46}" for k in keys)
+    lines = [f"{'seed':>6}  {head}"]
+
+    def cells(c: dict, s: dict) -> str:
+        return "  ".join(f"{c[k]:>14.3f} / {s[k]:9.3f} / {s[k] - c[k]:+7.3f}" + " " * 8 for k in keys)
+
+    lines += [f"{seed:>6}  {cells(c, s)}" for seed, c, s in zip(seeds, clip, superclip, strict=True)]
+    if len(seeds) > 1:
+        lines.append(f"{'mean':>6}  {cells(mean_metrics(clip), mean_metrics(superclip))}")
+        spread = {
+            name: {k: max(r[k] for r in runs) - min(r[k] for r in runs) for k in keys}
+            for name, runs in (("clip", clip), ("superclip", superclip))
+        }
+        lines.append(
+            f"{'spread':>6}  "
+            + "  ".join(
+                f"{spread['clip'][k]:>14.3f} / {spread['superclip'][k]:9.3f}" + " " * 18 for k in keys
+            )
+        )
+    return "\n".join(lines)
+
+
 def plot_comparison(rows: list[dict], path: Path, title: str) -> None:
     plt = pyplot()
-    rows = [r for r in rows if r["metric"].endswith(("top1", "_R@1"))]
-    names = [r["metric"].replace("zeroshot/", "zs ").replace("retrieval/", "") for r in rows]
+    rows = [r for r in rows if r["metric"].endswith(("top1", "_R@1")) and r["metric"] in SHAPES_METRICS]
+    names = [
+        r["metric"].replace("zeroshot/", "zs ").replace("retrieval/", "").replace("linprobe/", "")
+        for r in rows
+    ]
     x = range(len(rows))
     fig, ax = plt.subplots(figsize=(9, 4))
     ax.bar([i - 0.2 for i in x], [r["clip"] for r in rows], 0.4, label="CLIP")
@@ -62,7 +106,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--samples", type=int, default=20000, help="training samples seen by each run")
     parser.add_argument("--batch-size", type=int, default=16, help="batch size of both runs")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="seeds of the initialisation and the data order"
+    )
+    seeds.add_argument("--seed", type=int, help="one seed (same as --seeds S)")
     parser.add_argument(
         "--jobs", type=int, default=2, help="runs at once (1: one after the other, each with its live bar)"
     )
@@ -75,6 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
         help="further `superclip fit` arguments for both runs (last on the line)",
     )
     args = parser.parse_args(argv)
+    seed_list = [args.seed] if args.seed is not None else args.seeds
+    if len(set(seed_list)) != len(seed_list):
+        parser.error(f"--seeds {' '.join(map(str, seed_list))}: give each seed once")
     pyplot()  # fail now, not after the training, when the plots cannot be drawn
     configs = {name: [str(args.configs_dir / f) for f in files] for name, files in METHODS.items()}
     for config in {c for files in configs.values() for c in files}:
@@ -89,33 +140,41 @@ def main(argv: list[str] | None = None) -> dict:
             name,
             config,
             args.output_dir,
-            f"seed{args.seed}",
+            f"seed{seed}",
             args.batch_size,
             args.samples,
-            args.seed,
+            seed,
             extra=args.extra,
         )
+        for seed in seed_list
         for name, config in configs.items()
     ]
-    clip, superclip = ({**m, **headline(m)} for m in run_all(runs, jobs=args.jobs, desc="demo"))
-    rows = comparison_table(clip, superclip)
-    title = f"shapes, {args.samples} samples at batch {args.batch_size}, seed {args.seed}"
+    results = [{**m, **headline(m)} for m in run_all(runs, jobs=args.jobs, desc="demo")]
+    clip, superclip = results[0::2], results[1::2]  # per seed, in seed_list's order
+    rows = comparison_table(mean_metrics(clip), mean_metrics(superclip))
+    which = (
+        f"seed {seed_list[0]}" if len(seed_list) == 1 else f"mean of seeds {', '.join(map(str, seed_list))}"
+    )
+    title = f"shapes, {args.samples} samples at batch {args.batch_size}, {which}"
     summary = {
         "setup": {
             "samples": args.samples,
             "batch_size": args.batch_size,
-            "seed": args.seed,
+            "seeds": seed_list,
             "configs": configs,
             "seconds": round(time.time() - start, 1),
         },
-        "clip": clip,
-        "superclip": superclip,
-        "comparison": rows,
+        "seeds": {
+            str(seed): {"clip": c, "superclip": s}
+            for seed, c, s in zip(seed_list, clip, superclip, strict=True)
+        },
+        "comparison": rows,  # of the means over seeds
     }
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_comparison(rows, args.output_dir / "comparison.png", title)
     print(f"\n{title}\n{format_table(rows)}\n")
+    print(f"{format_seeds(seed_list, clip, superclip)}\n")
     print(f"summary: {args.output_dir / 'summary.json'}, plot: {args.output_dir / 'comparison.png'}")
     print(f"TensorBoard: .venv/bin/tensorboard --logdir {args.output_dir}  (then open http://localhost:6006)")
     return summary

@@ -19,13 +19,16 @@ from lightning.pytorch import Callback
 from tqdm.auto import tqdm
 
 # The shapes evaluation sets (configs/demo.yaml) and the numbers the comparisons are made of.
-ZEROSHOT_SETS = ("shape", "colour", "count")
+ZEROSHOT_SETS = ("shape", "colour", "size")
+ALL_ZEROSHOT_SETS = ("shape", "colour", "size", "count")  # count: the classic set's (older runs)
 RETRIEVAL_SET = "retrieval"
+PROBE_SET = "probe"
 ZEROSHOT_TOP1 = [f"zeroshot/{s}/top1" for s in ZEROSHOT_SETS]
 RETRIEVAL_R1 = [f"retrieval/{RETRIEVAL_SET}/i2t_R@1", f"retrieval/{RETRIEVAL_SET}/t2i_R@1"]
 SHAPES_METRICS = [
     *(f"zeroshot/{s}/{m}" for s in ZEROSHOT_SETS for m in ("top1", "top5", "mean_per_class_recall")),
     *(f"retrieval/{RETRIEVAL_SET}/{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)),
+    f"linprobe/{PROBE_SET}/top1",
 ]
 
 
@@ -64,11 +67,17 @@ def pyplot():
 
 
 def headline(metrics: dict[str, float]) -> dict[str, float]:
-    """The two summary numbers: mean zero-shot top-1 over the shapes sets, and mean retrieval R@1."""
-    return {
-        "zeroshot_mean_top1": sum(metrics[k] for k in ZEROSHOT_TOP1) / len(ZEROSHOT_TOP1),
+    """The summary numbers: mean zero-shot top-1 over the shapes sets the run has (shape, colour, size;
+    count in runs on the classic set), mean retrieval R@1 and the linear probe's top-1 (when the run
+    had one)."""
+    zeroshot = [metrics[f"zeroshot/{s}/top1"] for s in ALL_ZEROSHOT_SETS if f"zeroshot/{s}/top1" in metrics]
+    out = {
+        "zeroshot_mean_top1": sum(zeroshot) / len(zeroshot),
         "retrieval_mean_R@1": sum(metrics[k] for k in RETRIEVAL_R1) / len(RETRIEVAL_R1),
     }
+    if f"linprobe/{PROBE_SET}/top1" in metrics:
+        out["probe_top1"] = metrics[f"linprobe/{PROBE_SET}/top1"]
+    return out
 
 
 @dataclass

@@ -1,13 +1,17 @@
-"""Shape scenes of the demo data set: sampling, anti-aliased rendering and compositional captions.
+"""Shape scenes of the demo data set: the scene styles, scene sampling and anti-aliased rendering.
 
-Each image holds 1-3 objects, each with a shape, a colour, a size and a 3x3-grid position, on a
-lightly shaded mid-tone background. ``synthetic.py`` writes them out as data sets.
+Each image holds a few objects, each with a shape, a colour, a size and a 3x3-grid position, on a
+lightly shaded mid-tone background. A ``Style`` fixes which values occur and the image size:
+``small`` (the demo's: 32 px, 1-2 large objects, 6 shapes, 6 colours) and ``classic`` (the first
+demo set: 64 px, 1-3 objects, 8 shapes, 10 colours; kept so that its published numbers can be
+rerun). ``captions.py`` describes the scenes in words; ``dataset.py`` writes them out as data sets.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -29,12 +33,74 @@ COLOUR_RGB = {
 }
 COLOURS = tuple(COLOUR_RGB)
 BACKGROUNDS = {"grey": (128, 128, 128), "beige": (178, 164, 134), "slate": (92, 106, 122)}
-# radius (centre to farthest vertex) as a fraction of the image side, and the words captions use
-SIZES = {"small": (0.095, 0.11), "large": (0.16, 0.18)}
-SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "centre", "right")
 COUNT_WORDS = ("one", "two", "three")
-EDGE = 0.07  # keep objects this far (fraction of the side) from the border: training crops ~5% per side
+
+
+@dataclass(frozen=True)
+class Style:
+    """What a data set's scenes are made of.
+
+    Args:
+        name: the style's name (``--style``).
+        image_size: side of the rendered images in pixels.
+        shapes, colours: the values objects draw from.
+        sizes: size name -> radius range (centre to farthest vertex) as a fraction of the side.
+        size_words: size name -> the words captions may use for it.
+        max_objects: objects per scene are 1 to this many.
+        edge: objects stay this far (fraction of the side) from the border (training crops ~5% per side).
+        tint: each object's colour is shifted by up to this much per RGB channel (0-255 scale), so that
+            neighbouring colours come close and colour takes some learning.
+    """
+
+    name: str
+    image_size: int
+    shapes: tuple[str, ...]
+    colours: tuple[str, ...]
+    sizes: dict[str, tuple[float, float]]
+    size_words: dict[str, tuple[str, ...]]
+    max_objects: int
+    edge: float = 0.07
+    tint: int = 0
+
+
+STYLES = {
+    "classic": Style(
+        "classic",
+        64,
+        SHAPES,
+        COLOURS,
+        {"small": (0.095, 0.11), "large": (0.16, 0.18)},
+        {"small": ("small", "little", "tiny"), "large": ("large", "big")},
+        max_objects=3,
+    ),
+    # 32 px for a patch-4 ViT: 6 shapes whose silhouettes stay apart at 9-15 px across (no star: at
+    # this size it reads as a cross), 6 colours of which neighbours (red/orange/yellow, blue/purple),
+    # tinted, need a second look, one word per size
+    "small": Style(
+        "small",
+        32,
+        ("circle", "square", "triangle", "cross", "ring", "diamond"),
+        ("red", "orange", "yellow", "green", "blue", "purple"),
+        {"small": (0.14, 0.16), "large": (0.21, 0.24)},
+        {"small": ("small",), "large": ("large",)},
+        max_objects=2,
+        edge=0.06,
+        tint=40,
+    ),
+}
+DEFAULT_STYLE = "small"
+# the classic style's tables under their old names (the classic captions and older callers use them)
+SIZES = STYLES["classic"].sizes
+SIZE_WORDS = STYLES["classic"].size_words
+EDGE = STYLES["classic"].edge
+
+
+def get_style(name: str) -> Style:
+    """The style called ``name``, or a one-line error listing the styles."""
+    if name not in STYLES:
+        raise ValueError(f"unknown scene style {name!r}; choose one of {', '.join(STYLES)}")
+    return STYLES[name]
 
 
 def _unit_polygon(shape: str) -> list[tuple[float, float]]:
@@ -73,12 +139,14 @@ def _unit_polygon(shape: str) -> list[tuple[float, float]]:
 _POLYGONS = {s: _unit_polygon(s) for s in SHAPES}
 
 
-def sample_scene(rng: random.Random, n_objects: int | None = None, **fixed: str) -> dict:
-    """Draw a scene: background, light shading and 1-3 non-overlapping objects with distinct looks.
+def sample_scene(
+    rng: random.Random, n_objects: int | None = None, style: Style = STYLES["classic"], **fixed: str
+) -> dict:
+    """Draw a scene of ``style``: background, light shading, non-overlapping objects with distinct looks.
 
     ``fixed`` pins attributes of every object (e.g. ``shape="star"``); the eval sets use it to set labels.
     """
-    n = n_objects or rng.randint(1, 3)
+    n = n_objects or rng.randint(1, style.max_objects)
     background = rng.choice(sorted(BACKGROUNDS))
     tone, dx, dy = rng.randint(-10, 10), rng.uniform(-14, 14), rng.uniform(-14, 14)
     shade = {"tone": tone, "dx": round(dx, 2), "dy": round(dy, 2)}  # gradient across the image, in 0-255
@@ -87,21 +155,23 @@ def sample_scene(rng: random.Random, n_objects: int | None = None, **fixed: str)
         cells = rng.sample(range(9), n)
         for cell in cells:
             obj = {
-                "shape": rng.choice(SHAPES),
-                "colour": rng.choice(COLOURS),
-                "size": rng.choice(tuple(SIZES)),
+                "shape": rng.choice(style.shapes),
+                "colour": rng.choice(style.colours),
+                "size": rng.choice(tuple(style.sizes)),
             }
             obj.update(fixed)
             looks.add((obj["shape"], obj["colour"]))
-            r = rng.uniform(*SIZES[obj["size"]])
+            r = rng.uniform(*style.sizes[obj["size"]])
             row, col = divmod(cell, 3)
-            lo, hi = EDGE + r, 1 - EDGE - r
+            lo, hi = style.edge + r, 1 - style.edge - r
             # cell centres at 0.2 / 0.5 / 0.8 of the side, jittered, clamped inside the safe border
             x = min(max(0.2 + 0.3 * col + rng.uniform(-0.05, 0.05), lo), hi)
             y = min(max(0.2 + 0.3 * row + rng.uniform(-0.05, 0.05), lo), hi)
             obj.update(row=ROWS[row], col=COLS[col], x=round(x, 4), y=round(y, 4), radius=round(r, 4))
             turns = obj["shape"] not in ("circle", "ring")
             obj["rotation"] = round(rng.uniform(-12, 12), 2) if turns else 0.0
+            if style.tint:  # drawn last, so that styles without a tint keep their random stream
+                obj["tint"] = [rng.randint(-style.tint, style.tint) for _ in range(3)]
             objects.append(obj)
         apart = all(
             math.dist((a["x"], a["y"]), (b["x"], b["y"])) >= a["radius"] + b["radius"] + 0.03
@@ -111,6 +181,12 @@ def sample_scene(rng: random.Random, n_objects: int | None = None, **fixed: str)
         if apart and len(looks) == n:
             return {"background": background, "shade": shade, "objects": objects}
     raise RuntimeError(f"could not place {n} objects with {fixed}; relax the fixed attributes")
+
+
+def object_rgb(obj: dict) -> tuple[int, int, int]:
+    """The colour an object is drawn in: its colour's RGB, shifted by its tint (if its style has one)."""
+    tint = obj.get("tint", (0, 0, 0))
+    return tuple(min(max(c + t, 0), 255) for c, t in zip(COLOUR_RGB[obj["colour"]], tint, strict=True))
 
 
 def render_scene(scene: dict, image_size: int = 64, supersample: int = 4) -> Image.Image:
@@ -125,7 +201,7 @@ def render_scene(scene: dict, image_size: int = 64, supersample: int = 4) -> Ima
     img = Image.fromarray(bg).resize((side, side), Image.NEAREST)
     draw = ImageDraw.Draw(img)
     for obj in scene["objects"]:
-        fill = COLOUR_RGB[obj["colour"]]
+        fill = object_rgb(obj)
         cx, cy, r = obj["x"] * side, obj["y"] * side, obj["radius"] * side
         if obj["shape"] == "ring":
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=fill, width=max(1, round(0.42 * r)))
@@ -135,56 +211,3 @@ def render_scene(scene: dict, image_size: int = 64, supersample: int = 4) -> Ima
         pts = [(cx + r * (ca * u - sa * v), cy + r * (sa * u + ca * v)) for u, v in _POLYGONS[obj["shape"]]]
         draw.polygon(pts, fill=fill)
     return img.reduce(supersample) if supersample > 1 else img
-
-
-def _where(obj: dict, rng: random.Random) -> str:
-    row, col = obj["row"], obj["col"]
-    if row == "middle" and col == "centre":
-        return rng.choice(("in the centre", "in the middle"))
-    if row == "middle":
-        return f"on the {col}"
-    if col == "centre":
-        return f"at the {row}"
-    return rng.choice((f"in the {row} {col}", f"in the {row} {col} corner"))
-
-
-def _a(word: str) -> str:
-    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
-
-
-def _join(parts: list[str], rng: random.Random) -> str:
-    if len(parts) == 1:
-        return parts[0]
-    return ", ".join(parts[:-1]) + rng.choice((" and ", ", and ")) + parts[-1]
-
-
-def caption_scene(scene: dict, rng: random.Random, template: int | None = None) -> str:
-    """An English caption naming every object's size, colour and shape (and, for some templates, place).
-
-    ``template`` picks one of ``N_TEMPLATES`` sentence patterns; by default one is drawn from ``rng``.
-    """
-    objs = list(scene["objects"])
-    rng.shuffle(objs)  # mention order must not give away the layout
-    size = lambda o: rng.choice(SIZE_WORDS[o["size"]])
-    plain = [f"a {size(o)} {o['colour']} {o['shape']}" for o in objs]
-    placed = [f"{p} {_where(o, rng)}" for p, o in zip(plain, objs, strict=True)]
-    n = len(objs)
-    count = f"{COUNT_WORDS[n - 1]} {rng.choice(('shape', 'object'))}{'s' if n > 1 else ''}"
-    bg = f"a {rng.choice(('', 'plain '))}{scene['background']} background"
-    patterns = (
-        lambda: _join(plain, rng),
-        lambda: _join(placed, rng),
-        lambda: f"{count}: {_join(placed, rng)}",
-        lambda: f"a photo of {count}: {_join(plain, rng)}",
-        lambda: f"{_join(plain, rng)} on {bg}",
-        lambda: f"an image with {count} on {bg}: {_join(placed, rng)}",
-        lambda: " ".join(f"there is {p}." for p in placed),
-        lambda: _join([f"{_a(o['colour'])} {o['shape']} that is {size(o)}" for o in objs], rng),
-        lambda: "; ".join(f"{_where(o, rng)}, {p}" for p, o in zip(plain, objs, strict=True)),
-        lambda: f"a simple drawing of {_join(plain, rng)}",
-        lambda: f"a picture of {_join(placed, rng)}, {count} in total",
-    )
-    return patterns[rng.randrange(len(patterns)) if template is None else template]()
-
-
-N_TEMPLATES = 11
