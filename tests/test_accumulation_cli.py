@@ -43,7 +43,8 @@ def test_two_same_seed_runs_with_a_worker_and_accumulation_repeat_exactly(shapes
     runs = []
     for name in ("first", "second"):
         extra = ["--data.num_workers", "1", "--trainer.accumulate_grad_batches", "2"]
-        fit = build_cli(debug_fit(4, 4, "--trainer.logger.init_args.save_dir", f"outputs/repeat_{name}", *extra))
+        save = ("--trainer.logger.init_args.save_dir", f"outputs/repeat_{name}")
+        fit = build_cli(debug_fit(4, 4, *save, *extra))
         log_dir = Path(fit.trainer.log_dir)
         runs.append((json.loads((log_dir / "metrics.json").read_text()), scalars(log_dir, "train/loss")))
     assert runs[0] == runs[1]
