@@ -40,10 +40,23 @@ def shapes(tmp_path_factory):
     return root
 
 
+def logged(log_dir: Path, tag: str) -> list:
+    """The scalar events of `tag` in every event file of `log_dir`, in the order they were written.
+
+    A run can leave several files (Lightning closes the writer at the end of fit, and the final
+    evaluation opens a new one); EventAccumulator orders them by file name, whose last field is a
+    per-process counter ("...9" sorts after "...10"), so files opened in the same second can come out
+    in the wrong order."""
+    points = []
+    for path in Path(log_dir).glob("events.out.tfevents.*"):
+        events = EventAccumulator(str(path))
+        events.Reload()
+        points += events.Scalars(tag) if tag in events.Tags()["scalars"] else []
+    return sorted(points, key=lambda e: e.wall_time)
+
+
 def scalars(log_dir: Path, tag: str) -> list[float]:
-    events = EventAccumulator(str(log_dir))
-    events.Reload()
-    return [e.value for e in events.Scalars(tag)]
+    return [e.value for e in logged(log_dir, tag)]
 
 
 def debug_fit(steps: int, val_every: int, *extra: str) -> list[str]:
@@ -109,15 +122,13 @@ def test_fit_evaluates_and_saves_the_final_model_when_the_intervals_stop_short_o
     monkeypatch.chdir(shapes)
     fit = build_cli(debug_fit(24, 10, "--trainer.logger.init_args.save_dir", "outputs/short_interval"))
     log_dir = Path(fit.trainer.log_dir)
-    events = EventAccumulator(str(log_dir))
-    events.Reload()
     for tag in ("val/loss", "retrieval/retrieval/i2t_R@1", "zeroshot/shape/top1"):
-        steps = [e.step for e in events.Scalars(tag)]  # Lightning logs those during fit at step - 1
+        steps = [e.step for e in logged(log_dir, tag)]  # Lightning logs those during fit at step - 1
         assert len(steps) == 3 and steps[0] < steps[1] < steps[2] == 24, (tag, steps)
     metrics = json.loads((log_dir / "metrics.json").read_text())
     assert metrics["train/samples_seen"] == 24 * 8 and "train/class_loss" in metrics  # kept from fit
-    assert metrics["val/loss"] == pytest.approx(events.Scalars("val/loss")[-1].value)
-    assert metrics["zeroshot/shape/top1"] == pytest.approx(events.Scalars("zeroshot/shape/top1")[-1].value)
+    assert metrics["val/loss"] == pytest.approx(scalars(log_dir, "val/loss")[-1])
+    assert metrics["zeroshot/shape/top1"] == pytest.approx(scalars(log_dir, "zeroshot/shape/top1")[-1])
     out = capsys.readouterr().out
     assert "last evaluation was at step 20" in out and "Evaluation at step 24" in out
     last = torch.load(log_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -205,9 +216,7 @@ def test_shortened_ablation_evaluates_every_run_at_its_end_and_resumes(shapes, m
     for key, run in results["runs"].items():
         assert run["metrics"]["train/samples_seen"] == 40 and run["eval_every"] == 24, key
         method, bs = run["method"], run["batch_size"]
-        events = EventAccumulator(str(out / method / f"bs{bs}-seed0"))
-        events.Reload()
-        shape = events.Scalars("zeroshot/shape/top1")
+        shape = logged(out / method / f"bs{bs}-seed0", "zeroshot/shape/top1")
         assert [e.step for e in shape][-1] == 40 // bs and len(shape) == 2, key  # at 24 samples and the end
         assert run["metrics"]["zeroshot/shape/top1"] == pytest.approx(shape[-1].value), key
     capsys.readouterr()
