@@ -129,6 +129,17 @@ def test_tokenizer_larger_than_text_vocab_fails_clearly(tmp_path, tokenizer):
         SuperCLIP.build(str(tmp_path), tokenizer)
 
 
+def test_a_vocab_size_the_user_sets_is_kept_when_it_holds_the_tokenizer(tokenizer):
+    padded = -(-(len(tokenizer) + 1) // 64) * 64  # above the tokenizer, a multiple of 64
+    cfg = clip_config("tiny", tokenizer, overrides={"text_config": {"vocab_size": padded}})
+    assert cfg.text_config.vocab_size == padded
+    assert clip_config("tiny", tokenizer).text_config.vocab_size == len(
+        tokenizer
+    )  # none set: the tokenizer's
+    with pytest.raises(ValueError, match=r"^backbone_config.text_config.vocab_size=8 is less than"):
+        clip_config("tiny", tokenizer, overrides={"text_config": {"vocab_size": 8}})
+
+
 def test_missing_eos_in_text_config_fails_clearly(tmp_path, tokenizer):
     cfg = clip_config("tiny", tokenizer, overrides=MICRO)
     cfg.text_config.eos_token_id = 7

@@ -16,72 +16,7 @@ from torch import nn
 from transformers import CLIPConfig, CLIPModel
 
 from superclip_pl.clipdir import read_extras
-
-# Architectures of the paper (open_clip ViT-B-16 / ViT-L-16 shapes), plus a tiny one for tests and
-# the CPU demo. ``vocab_size`` and the special-token ids are taken from the tokenizer, never from here.
-# Trained from scratch with standard GELU (open_clip's non-OpenAI models); HF's default is quick_gelu.
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "projection_dim": 128,
-        "vision_config": dict(
-            hidden_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            intermediate_size=512,
-            image_size=64,
-            patch_size=8,
-            hidden_act="gelu",
-        ),
-        "text_config": dict(
-            hidden_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            intermediate_size=512,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-        ),
-    },
-    "ViT-B-16": {
-        "projection_dim": 512,
-        "vision_config": dict(
-            hidden_size=768,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            intermediate_size=3072,
-            image_size=224,
-            patch_size=16,
-            hidden_act="gelu",
-        ),
-        "text_config": dict(
-            hidden_size=512,
-            num_hidden_layers=12,
-            num_attention_heads=8,
-            intermediate_size=2048,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-        ),
-    },
-    "ViT-L-16": {
-        "projection_dim": 768,
-        "vision_config": dict(
-            hidden_size=1024,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            intermediate_size=4096,
-            image_size=224,
-            patch_size=16,
-            hidden_act="gelu",
-        ),
-        "text_config": dict(
-            hidden_size=768,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            intermediate_size=3072,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-        ),
-    },
-}
+from superclip_pl.presets import PRESETS
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -107,9 +42,15 @@ def clip_config(
     if image_size is not None:
         cfg["vision_config"]["image_size"] = image_size
     if tokenizer is not None:
-        asked = (overrides or {}).get("text_config", {}).get("vocab_size")  # a user's value is kept
+        # a vocab_size the user set (e.g. padded to a multiple of 64) is kept if it holds the tokenizer
+        vocab = (overrides or {}).get("text_config", {}).get("vocab_size") or len(tokenizer)
+        if vocab < len(tokenizer):
+            raise ValueError(
+                f"backbone_config.text_config.vocab_size={vocab} is less than the tokenizer's "
+                f"{len(tokenizer)} tokens: drop it (it is then the tokenizer's) or raise it"
+            )
         cfg["text_config"].update(
-            vocab_size=asked or len(tokenizer),
+            vocab_size=vocab,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
