@@ -4,6 +4,7 @@ sources may be plain dicts), checkpoints, and the log directory a resumed run co
 import pytest
 import torch
 
+from shards import write_shards
 from superclip_pl.cli_checks import check_ckpt_path, resume_version
 from superclip_pl.data import DataSource, ImageTextDataModule
 from superclip_pl.data.checks import check_numbers, check_sources, check_tokenizer
@@ -34,10 +35,17 @@ def test_bad_numbers_are_named(values, message):
         check_numbers(values)
 
 
-def test_missing_files_and_tokenizer_dirs_are_named(tmp_path):
-    (tmp_path / "a.tar").write_bytes(b"")
+def test_missing_files_wrong_columns_and_tokenizer_dirs_are_named(tmp_path):
+    write_shards(tmp_path, num_shards=1, per_shard=2)
     ok = {"path": "webdataset", "data_files": str(tmp_path / "*.tar")}
     check_sources({"train": [ok], "val": None})
+    with pytest.raises(UserError, match=r"^data.val.text_column: 'caption' is not a column .*'txt'"):
+        check_sources({"val": {**ok, "text_column": "caption"}}, roles=("val",))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.tar").write_bytes(b"")
+    empty = {"path": "webdataset", "data_files": str(tmp_path / "empty" / "*.tar")}
+    with pytest.raises(UserError, match=r"^data.train: .* has no example"):
+        check_sources({"train": empty})
     missing = {"path": "webdataset", "data_files": str(tmp_path / "b/*.tar")}
     with pytest.raises(UserError, match=r"data.train\[1\].data_files='.*b/\*.tar' matches no file"):
         check_sources({"train": [ok, missing]})

@@ -81,6 +81,14 @@ BAD_INPUTS = {  # what a user types -> what the one line must name
     "missing checkpoint": ([*FIT, "--ckpt_path", "nope.ckpt"], "'nope.ckpt' does not exist"),
     "corrupt checkpoint": ([*VALIDATE, "--ckpt_path", "CORRUPT"], "not a SuperCLIP checkpoint"),
     "data files": ([*FIT, "--data.train.data_files", "no/*.tar"], "'no/*.tar' matches no file"),
+    "caption column": (
+        [*FIT, "--data.train.text_column", "caption"],
+        "text_column: 'caption' is not a column",
+    ),
+    "vocab size": (
+        [*FIT, "--model.backbone_config", "{text_config: {vocab_size: 64}}"],
+        "backbone_config.text_config.vocab_size",
+    ),
     "tokenizer": ([*FIT, "--data.tokenizer", "data/none/tok"], "data.tokenizer='data/none/tok'"),
     "unknown option": ([*FIT, "--model.learning_rate", "1"], "--model.learning_rate"),
     "bad value": ([*FIT, "--model.lr", "fast"], '"model.lr"'),

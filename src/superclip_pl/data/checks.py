@@ -4,6 +4,7 @@ them on the parsed config before anything is instantiated, the data module on it
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
@@ -71,6 +72,30 @@ def check_sources(values: Mapping, roles=("train", "val", "test")) -> None:
                     f"data.{key}.data_files={missing[0]!r} matches no file; check the path "
                     "(relative to the current directory) or run `make data` for the demo data"
                 )
+            check_columns(source, key)
+
+
+# builders that read local files: a source with one of them (or a local directory) is opened here
+LOCAL_BUILDERS = ("webdataset", "parquet", "imagefolder", "arrow", "json", "csv")
+
+
+def check_columns(source, key: str) -> None:
+    """The image and caption columns of a local source, from its first examples: a wrong column is
+    then one line before the model and the trainer are built (hub sources are checked when opened)."""
+    from superclip_pl.data.columns import columns_found, resolve_columns
+    from superclip_pl.data.sources import open_source
+
+    files = source.data_files
+    files = list(files.values()) if isinstance(files, dict) else [files]
+    if not (source.path in LOCAL_BUILDERS or os.path.isdir(source.path)) or "://" in str(files):
+        return
+    try:
+        opened = open_source(source, key)
+        if not opened.first:
+            raise ValueError(f"data.{key}: {source.describe()} has no example")
+        resolve_columns(columns_found(opened.first), source, key, schema_less=opened.schema_less)
+    except ValueError as err:
+        raise UserError(str(err).strip().splitlines()[0]) from None
 
 
 def check_tokenizer(name: str | None) -> None:
