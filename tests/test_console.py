@@ -69,6 +69,7 @@ def test_predict_writes_the_embeddings_of_a_data_set(fitted, tmp_path):
     proc = superclip("predict", "--config", DEBUG, "--ckpt_path", str(ckpt), *args, *QUIET, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     tensors = load_file(tmp_path / "emb" / "embeddings-rank0.safetensors")
+    assert (tmp_path / "emb" / "embeddings-rank0.safetensors").stat().st_mode & 0o044 == 0o044  # shareable
     keys = (tmp_path / "emb" / "embeddings-rank0.keys.txt").read_text().splitlines()
     assert len(keys) == len(set(keys)) == 24  # the fixture's retrieval set, each sample once
     for name in ("image_embeds", "text_embeds"):

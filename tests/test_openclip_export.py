@@ -27,6 +27,7 @@ def test_our_checkpoint_exported_for_open_clip_computes_what_we_compute(tmp_path
     out = tmp_path / "open_clip"
     assert main(["export", "--ckpt_path", str(tmp_path / "run.ckpt"), "--output_dir", str(out),
                  "--format", "open_clip", "--idf_batch_size", "8"]) == 0  # fmt: skip
+    assert all(f.stat().st_mode & 0o044 == 0o044 for f in out.iterdir() if f.is_file())  # group-readable
     oc = open_clip()
     model, _, _ = oc.create_model_and_transforms(f"local-dir:{out}")
     model.eval()

@@ -73,10 +73,19 @@ def write_clip_dir(
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
     image_processor.save_pretrained(out)
     (out / "README.md").write_text(card)
-    for path in out.iterdir():  # safetensors writes 0600: models are shared with a group
-        if path.is_file():
-            os.chmod(path, 0o644)
+    shareable(out)
     return out
+
+
+def shareable(*paths: Path) -> None:
+    """Give files (or a directory's files) the mode the umask gives new files (0644 with the usual
+    022): safetensors writes 0600, and models and embeddings are shared with a group."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in paths:
+        for file in path.iterdir() if path.is_dir() else [path]:
+            if file.is_file():
+                os.chmod(file, 0o666 & ~umask)
 
 
 def locate(name_or_path: str, filename: str) -> Path | None:

@@ -16,6 +16,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from safetensors.torch import save_file
 
+from superclip_pl.clipdir import shareable
+
 
 class EmbeddingWriter(BasePredictionWriter):
     def __init__(self, output_dir: str | None = None) -> None:
@@ -47,6 +49,7 @@ class EmbeddingWriter(BasePredictionWriter):
             for name in ("image_embeds", "text_embeds")
         }
         save_file(tensors, out / f"embeddings-rank{rank}.safetensors")
+        shareable(out / f"embeddings-rank{rank}.safetensors")
         (out / f"embeddings-rank{rank}.keys.txt").write_text("".join(f"{k}\n" for k in parts["keys"]))
         print(f"rank {rank}: {len(parts['keys'])} embeddings written to {out / f'embeddings-rank{rank}.*'}")
         self._parts = {}

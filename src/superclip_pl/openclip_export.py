@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig
 
-from superclip_pl.clipdir import HEAD_FILE, read_extras
+from superclip_pl.clipdir import HEAD_FILE, read_extras, shareable
 from superclip_pl.openclip import HEAD_KEYS, doc_freq_to_reference, expected_shapes, from_hf
 from superclip_pl.openclip_config import from_clip_config
 from superclip_pl.tokenizer import load_tokenizer
@@ -107,4 +107,5 @@ def write_open_clip(
         json.dumps(document | ({"superclip": superclip} if superclip else {}), indent=2)
     )
     tokenizer.save_pretrained(out)
+    shareable(out)
     return out
