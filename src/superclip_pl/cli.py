@@ -95,7 +95,18 @@ def main(args: list[str] | None = None) -> int:
             raise
         print(f"{prog}: error: {_first_line(err)}", file=sys.stderr)
         return EXIT_FAILED if isinstance(err, BadDataStop) else EXIT_USAGE
+    finally:
+        _close_process_group()
     return EXIT_OK
+
+
+def _close_process_group() -> None:
+    """Destroy the DDP process group a run left (Lightning keeps it): a gloo group still alive at
+    interpreter exit can abort the process ("terminate called without an active exception") after a
+    complete run, turning exit 0 into a signal."""
+    dist = sys.modules.get("torch.distributed")  # never import torch just for this (help, export)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
