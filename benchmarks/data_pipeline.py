@@ -125,11 +125,14 @@ def run(
     samples: int = 512,
     workers: tuple[int, ...] = (0, 1, 2),
     rounds: int = 3,
+    jpeg_decoder: str = "auto",
 ) -> dict:
     """Samples/s of the plain decode loop (in 1 process, and in as many as the most workers) and of
     our pipeline with each number of workers (0 = in the main process); per worker and whole-loader
     rates as fractions of plain decoding in 1 and in `workers` processes (medians of per-round
-    ratios), and the same per CPU-second. `quick`: a toy size (64 samples, one round)."""
+    ratios), and the same per CPU-second. `jpeg_decoder` is the data module's (auto: OpenCV when
+    installed); with OpenCV, the PIL decoder is also timed in the main process, for comparison.
+    `quick`: a toy size (64 samples, one round)."""
     if quick:
         samples, rounds, batch_size = 64, 1, 16
     with tempfile.TemporaryDirectory() as tmp:
@@ -143,18 +146,17 @@ def run(
             train_bpe_tokenizer(captions, tokenizer, vocab_size=256)
         files = sorted(glob.glob(data_files))
         tok = load_tokenizer(tokenizer)
-        stream = image_text_stream(
-            DataSource(path="webdataset", data_files=data_files),
-            image_size=image_size,
-            shuffle_buffer=256,
-            normalized=False,  # as the data module ships them: uint8, normalised on the device
-        )
+        source = DataSource(path="webdataset", data_files=data_files)
+        # as the data module ships them: uint8, normalised on the device
+        make = partial(image_text_stream, source, image_size=image_size, shuffle_buffer=256, normalized=False)
+        stream = make(jpeg_decoder=jpeg_decoder)
+        opencv = stream.decoder.opencv
         batches = max(1, samples // batch_size)
         n = batches * batch_size
         cpu: dict[str, list[float]] = {}
 
-        def pipeline(num_workers: int):
-            name = f"workers={num_workers}"
+        def pipeline(num_workers: int, stream=stream, name: str | None = None):
+            name = name or f"workers={num_workers}"
             loader = StreamLoader(
                 stream, batch_size=batch_size, num_workers=num_workers, collate_fn=Collate(tok)
             )
@@ -187,6 +189,8 @@ def run(
                     f"plain_decode_x{p}", partial(plain_decode_in, pool, p, files, n)
                 )
             variants |= {f"workers={w}": pipeline(w) for w in workers}
+            if opencv:  # the lever's effect: the PIL decoder on the same samples, in the main process
+                variants["pil_workers=0"] = pipeline(0, make(jpeg_decoder="pil"), "pil_workers=0")
             times = interleaved(variants, rounds=rounds)
         cpu = {name: t[-rounds:] for name, t in cpu.items()}  # the warm-up round is not counted
 
@@ -218,7 +222,9 @@ def run(
             }
             for w in workers
         },
+        "pil_in_process_vs_plain_decode": ratio("pil_workers=0", "plain_decode") if opencv else None,
         "config": {
+            "jpeg_decoder": "opencv" if opencv else "pil",
             "image_size": image_size,
             "batch_size": batch_size,
             "samples": n,
@@ -237,6 +243,7 @@ if __name__ == "__main__":
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--jpeg_decoder", choices=["auto", "pil", "opencv"], default="auto")
     args = parser.parse_args()
     result = run(
         False,
@@ -247,6 +254,7 @@ if __name__ == "__main__":
         args.samples,
         tuple(args.workers),
         args.rounds,
+        args.jpeg_decoder,
     )
     print(f"plain PIL decode: {result['plain_decode_samples_per_s']:8.1f} samples/s (1 process)")
     for p, r in result["plain_decode_parallel_samples_per_s"].items():
@@ -261,4 +269,9 @@ if __name__ == "__main__":
             f"{w:>8} {r['samples_per_s']:10.1f} {r['per_worker']:11.1f} "
             f"{r['per_worker_vs_plain_decode']:17.2f} {r['loader_vs_plain_decode']:13.2f} "
             f"{r['per_cpu_second_vs_plain_decode'] or 0:16.2f}"
+        )
+    if result["pil_in_process_vs_plain_decode"] is not None:
+        print(
+            f"decoded by {result['config']['jpeg_decoder']}; the PIL decoder in process / plain: "
+            f"{result['pil_in_process_vs_plain_decode']:.2f}"
         )

@@ -91,6 +91,7 @@ BAD_INPUTS = {  # what a user types -> what the one line must name
         "backbone_config.text_config.vocab_size",
     ),
     "tokenizer": ([*FIT, "--data.tokenizer", "data/none/tok"], "data.tokenizer='data/none/tok'"),
+    "jpeg decoder": ([*FIT, "--data.jpeg_decoder", "turbo"], "data.jpeg_decoder='turbo'"),
     "unknown option": ([*FIT, "--model.learning_rate", "1"], "--model.learning_rate"),
     "bad value": ([*FIT, "--model.lr", "fast"], '"model.lr"'),
     "no command": ([], "a command is required"),

@@ -62,6 +62,7 @@ def normalize(pixels: torch.Tensor, mean: Sequence[float] = CLIP_MEAN, std: Sequ
     the test checks all 256 levels. Training ships uint8 images from the DataLoader workers (a quarter
     of the bytes, no float work there) and calls this on the device after the transfer.
     """
+    pixels = pixels.contiguous()  # a batch of channels-first views (`decode.stack_images`)
     shape = (3, 1, 1)
     mean32 = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(shape)
     std32 = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(shape)

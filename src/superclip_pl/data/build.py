@@ -6,6 +6,7 @@ from __future__ import annotations
 from datasets.distributed import split_dataset_by_node
 from lightning.pytorch.utilities import rank_zero_warn
 
+from superclip_pl.data import jpeg
 from superclip_pl.data.columns import columns_found, resolve_columns
 from superclip_pl.data.decode import SampleDecoder
 from superclip_pl.data.mixture import MixtureStream, source_names
@@ -28,6 +29,7 @@ def image_text_stream(
     role: str = "train",
     normalized: bool = True,
     source_index: int = 0,
+    jpeg_decoder: str = "auto",
 ) -> ImageTextStream:
     """The stream of decoded samples that rank `rank` of `world_size` reads from `source`.
 
@@ -35,7 +37,8 @@ def image_text_stream(
     fails here with a one-line message rather than later inside a DataLoader worker. `training`
     selects the random-crop transform and a random caption (column) among several; `infinite`
     defaults to it. `normalized=False` yields uint8 images (the data module normalises them on the
-    device); `source_index` is the source's place in a mixture.
+    device); `source_index` is the source's place in a mixture; `jpeg_decoder` (auto, pil, opencv)
+    how training decodes JPEGs.
     """
     opened = open_source(source, role)
     if not opened.first:
@@ -49,6 +52,7 @@ def image_text_stream(
         random_caption=training,
         draft=image_size if training else None,
         source=source.name,
+        opencv=training and jpeg_decoder != "pil" and jpeg.available(),
     )
     ours = split_dataset_by_node(opened.select(columns.all), rank=rank, world_size=world_size)
     return ImageTextStream(

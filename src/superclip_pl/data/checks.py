@@ -22,6 +22,8 @@ MINIMUM = {
     "max_image_pixels": (1, "pixels of the largest image read"),
     "class_max_length": (1, "caption tokens the classification targets come from"),
 }
+# data.jpeg_decoder: auto = OpenCV when installed (the `opencv` extra), else PIL
+JPEG_DECODERS = ("auto", "pil", "opencv")
 
 
 def check_numbers(values: Mapping) -> None:
@@ -32,6 +34,20 @@ def check_numbers(values: Mapping) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise UserError(f"data.{key}={value!r}: must be an integer >= {least} ({what})")
+    decoder = values.get("jpeg_decoder", "auto")
+    if decoder not in JPEG_DECODERS:
+        raise UserError(
+            f"data.jpeg_decoder={decoder!r}: choose one of {', '.join(JPEG_DECODERS)} "
+            "(how training decodes JPEGs)"
+        )
+    if decoder == "opencv":
+        from superclip_pl.data import jpeg
+
+        if not jpeg.available():
+            raise UserError(
+                "data.jpeg_decoder='opencv': OpenCV is not installed; pip install 'superclip-pl[opencv]', "
+                "or use auto (OpenCV when installed, else PIL) or pil"
+            )
     fraction = values.get("max_skip_fraction")
     if fraction is not None and not 0 <= fraction <= 1:
         raise UserError(

@@ -19,9 +19,11 @@ import torch
 from PIL import Image
 from torch.utils.data import default_collate
 
+from superclip_pl.data import jpeg
 from superclip_pl.data.columns import Columns
 from superclip_pl.data.skips import REASONS
 from superclip_pl.tokenizer import tokenize
+from superclip_pl.transforms import TrainTransform, normalize
 
 # the caption fields looked up inside a JSON / dict caption
 CAPTION_FIELDS = ("caption", "captions", "text", "txt")
@@ -130,6 +132,8 @@ class SampleDecoder:
         draft: decode JPEGs at a reduced scale that keeps at least this many pixels per side
             (training; evaluation decodes fully to match the HF image processor exactly).
         source: the source's name, carried by each sample for the per-source counts (None: unnamed).
+        opencv: decode JPEGs with OpenCV (`jpeg.py`) where it can, for a `TrainTransform` with `draft`;
+            everything else, and whatever OpenCV is unsure of, goes through PIL.
     """
 
     def __init__(
@@ -140,9 +144,23 @@ class SampleDecoder:
         random_caption: bool,
         draft: int | None = None,
         source: str | None = None,
+        opencv: bool = False,
     ) -> None:
         self.columns, self.transform, self.draft, self.source = columns, transform, draft, source
         self.max_image_pixels, self.random_caption = max_image_pixels, random_caption
+        self.opencv = opencv and bool(draft) and isinstance(transform, TrainTransform) and jpeg.available()
+
+    def _opencv_pixels(self, payload) -> torch.Tensor | None:
+        """The training crop of a JPEG decoded by OpenCV, or None to decode it with PIL."""
+        if not self.opencv or not isinstance(payload, bytes):
+            return None
+        bgr = jpeg.decode_reduced(payload, self.draft, self.max_image_pixels)
+        if bgr is None:
+            return None
+        t = self.transform
+        box = t.crop_box(bgr.shape[1], bgr.shape[0])
+        pixels = torch.from_numpy(jpeg.crop_resize(bgr, box, t.image_size)).permute(2, 0, 1)
+        return normalize(pixels, t.mean, t.std) if t.normalized else pixels
 
     def caption(self, example: Mapping, u_column: float, u_caption: float) -> tuple[str | None, bool]:
         """(caption or None, whether the drawn column was empty and another one was used)."""
@@ -175,13 +193,15 @@ class SampleDecoder:
             return "missing_image"
         if payload is None:
             return "missing_image"
-        image = open_image(payload, self.max_image_pixels, self.draft)
-        if isinstance(image, str):
-            return image
-        try:
-            pixel_values = self.transform(image)
-        except Exception:  # e.g. a mode PIL cannot convert to RGB
-            return "corrupt_image"
+        pixel_values = self._opencv_pixels(payload)
+        if pixel_values is None:
+            image = open_image(payload, self.max_image_pixels, self.draft)
+            if isinstance(image, str):
+                return image
+            try:
+                pixel_values = self.transform(image)
+            except Exception:  # e.g. a mode PIL cannot convert to RGB
+                return "corrupt_image"
         return {
             "key": sample_key(example, self.columns, cell, payload),
             "pixel_values": pixel_values,
@@ -189,6 +209,19 @@ class SampleDecoder:
             "source": self.source,
             "fallback": fallback,
         }
+
+
+def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """(B, 3, H, W) from (3, H, W) images, by `default_collate` (into shared memory in a worker).
+
+    The decoders' uint8 images are channels-first views of (H, W, 3) arrays: those are stacked as
+    they lie in memory (a plain copy, where stacking the views gathers bytes three apart) and the
+    batch is the same channels-first view of the result; `normalize` makes it contiguous on the
+    device."""
+    hwc = [image.permute(1, 2, 0) for image in images]
+    if all(h.is_contiguous() for h in hwc):
+        return default_collate(hwc).permute(0, 3, 1, 2)
+    return default_collate(images)
 
 
 class Collate:
@@ -219,7 +252,7 @@ class Collate:
             read[1] += int(sample.get("fallback", False))
         texts = [s["text"] for s in samples]
         return {
-            "pixel_values": default_collate([s["pixel_values"] for s in samples]),  # (B, 3, H, W)
+            "pixel_values": stack_images([s["pixel_values"] for s in samples]),  # (B, 3, H, W)
             **tokenize(self.tokenizer, texts, self.max_length, self.class_max_length),  # (B, T) each
             "keys": [s["key"] for s in samples],
             "skipped": {reason: skipped[reason] for reason in REASONS if skipped[reason]},
