@@ -3,7 +3,8 @@
 The baseline reads the same webdataset shards with `tarfile` and only decodes each image, full size,
 to RGB. Our pipeline is what the data module runs: the tar reader (`data/tars.py`) under HF's
 streaming `IterableDataset`, the block shuffle, the decode with its checks (JPEGs decoded at the
-scale the crop needs, PIL `draft`), RandomResizedCrop to uint8, batched tokenisation, and the
+scale the crop needs: OpenCV when the `opencv` extra is installed, else PIL `draft`; with OpenCV
+the PIL decoder is timed too), RandomResizedCrop to uint8, batched tokenisation, and the
 batch sent from the DataLoader workers (normalisation happens on the device, after the transfer,
 and is not part of this). The numbers that matter: per worker, how much of one core's plain-decode
 speed each worker delivers (the training step is fed by `num_workers` of those), and for the whole
@@ -49,6 +50,7 @@ TARGETS = {
     "pipeline.1.per_cpu_second_vs_plain_decode": None,
     "pipeline.2.per_cpu_second_vs_plain_decode": None,
     "plain_decode_samples_per_s": None,
+    "pil_in_process_vs_plain_decode": None,  # the same pipeline with data.jpeg_decoder: pil
 }
 WORDS = "a photo of small large red green blue yellow circle square star on the left right".split()  # noqa: SIM905
 

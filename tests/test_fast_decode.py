@@ -180,3 +180,18 @@ def test_a_batch_from_a_worker_arrives_intact():
     loader = torch.utils.data.DataLoader(views, batch_size=4, num_workers=1, collate_fn=stack_images)
     (batch,) = list(loader)  # through shared memory, strides and all
     assert torch.equal(batch, torch.stack(views))
+
+
+@pytest.mark.parametrize("choice", ["auto", "pil"] + (["opencv"] if jpeg.available() else []))
+def test_the_data_module_trains_with_the_chosen_decoder(tmp_path, tokenizer_dir, choice):
+    from shards import wds, write_mixed_shards
+    from superclip_pl.data import ImageTextDataModule
+
+    write_mixed_shards(tmp_path)  # .jpg/.jpeg among .png/.webp, bad samples, a truncated shard
+    dm = ImageTextDataModule(
+        tokenizer_dir, train=wds(str(tmp_path / "*.tar")), image_size=16, num_workers=0, jpeg_decoder=choice
+    )
+    dm.setup("fit")
+    assert dm.streams["train"].decoder.opencv == (choice != "pil" and jpeg.available())
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["pixel_values"].shape[1:] == (3, 16, 16) and batch["pixel_values"].dtype == torch.uint8

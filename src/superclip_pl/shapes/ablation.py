@@ -11,8 +11,8 @@ ablation resumes where it stopped, and a smaller grid run first is completed by 
 (``--fresh`` redoes everything). Writes ``results.json`` and ``ablation.png`` (mean +- std over seeds,
 and SuperCLIP - CLIP paired by seed) for the zero-shot mean, the retrieval mean and the linear probe.
 
-``make ablation`` runs the README's grid (batch 16, 32, 64, 128; 3 seeds; 40k samples; evaluations
-every 10k samples), sized to finish in about 2 hours on 2 CPU cores, runs two at a time.
+``make ablation`` runs the README's grid (batch 16, 32, 64, 128; 3 seeds; 40k samples; evaluated at
+the end), sized to finish in about 1.5 hours on 2 CPU cores, runs two at a time.
 """
 
 from __future__ import annotations
