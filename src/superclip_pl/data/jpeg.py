@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-try:
-    import cv2
-except ImportError:  # the extra is not installed: PIL decodes everything
-    cv2 = None
+_UNSET = object()
+cv2 = _UNSET  # imported on first use (a tenth of a second that `import superclip_pl` need not pay)
 
 # start-of-frame markers that carry the image size (not DHT 0xC4, JPG 0xC8, DAC 0xCC)
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -34,7 +32,14 @@ _threads_set = False
 
 
 def available() -> bool:
-    """Whether OpenCV is installed (``pip install 'superclip-pl[opencv]'``)."""
+    """Whether OpenCV is installed (``pip install 'superclip-pl[opencv]'``); imports it."""
+    global cv2
+    if cv2 is _UNSET:
+        try:
+            import cv2 as module
+        except ImportError:  # the extra is not installed: PIL decodes everything
+            module = None
+        cv2 = module
     return cv2 is not None
 
 
@@ -84,7 +89,7 @@ def decode_reduced(data: bytes, min_side: int, max_pixels: int) -> np.ndarray | 
     PIL decode ``data`` (no OpenCV, not a JPEG this path takes, too large, truncated, or refused by
     ``imdecode``)."""
     global _threads_set
-    if cv2 is None:
+    if not available():
         return None
     header = jpeg_header(data)
     if header is None:
