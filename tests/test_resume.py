@@ -22,7 +22,7 @@ from superclip_pl.data import DataSource, ImageTextDataModule
 from superclip_pl.data import datamodule as data_module
 from superclip_pl.data.build import image_text_stream
 from superclip_pl.data.decode import Collate
-from superclip_pl.data.loader import StreamLoader
+from superclip_pl.data.loader import StreamLoader, resume_mismatch
 from superclip_pl.errors import BadDataStop
 from superclip_pl.tokenizer import load_tokenizer
 
@@ -275,6 +275,39 @@ def test_too_many_bad_samples_warn_early_then_stop_with_a_checkpoint(
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     assert 0 < ckpt["global_step"] < 20 and f"step={ckpt['global_step']}" in path
     assert ckpt["state_dict"] and ckpt["ImageTextDataModule"]["ranks"][0]["seen"] >= 12
+
+
+@pytest.mark.slow
+def test_a_checkpoint_from_another_worker_count_restarts_the_stream_with_a_warning(
+    tmp_path, good_shards, tokenizer_dir
+):
+    """Stream positions are per worker: resumed with 1 worker instead of 2, the training stream
+    starts again from its beginning (the samples a fresh 1-worker run reads), and the log says so."""
+    fit(tmp_path / "a", data(good_shards[0], tokenizer_dir), max_steps=2, save_every=2)
+    fresh, _ = fit(tmp_path / "fresh", data(good_shards[0], tokenizer_dir, num_workers=1), max_steps=1)
+    with pytest.warns(
+        UserWarning, match=r"positions are for 1 ranks x 2 workers, this run has 1 x 1: .* restarts"
+    ):
+        rest, _ = fit(
+            tmp_path / "b",
+            data(good_shards[0], tokenizer_dir, num_workers=1),
+            max_steps=3,  # (before the validation at step 4: no validation set here)
+            ckpt_path=tmp_path / "a" / "epoch=0-step=2.ckpt",
+        )
+    assert len(rest) == 3 and rest == fresh
+
+
+def test_resume_mismatch_names_what_differs():
+    saved = [{"loader": {"num_workers": 2}, "sources": {"names": ["web", "recaptioned"]}}] * 2
+    assert resume_mismatch(saved, 2, 2, ["web", "recaptioned"]) is None
+    assert (
+        resume_mismatch(saved, 4, 2, ["web", "recaptioned"]) == "for 2 ranks x 2 workers, this run has 4 x 2"
+    )
+    assert "this run has 2 x 0" in resume_mismatch(saved, 2, 0, ["web", "recaptioned"])
+    assert (
+        resume_mismatch(saved, 2, 2, ["web"])
+        == "for the sources ['web', 'recaptioned'], this run reads ['web']"
+    )
 
 
 def test_setup_fails_fast_on_bad_settings(good_shards, tokenizer_dir):

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from superclip_pl.data.build import role_stream
 from superclip_pl.data.checks import as_source, check_numbers
 from superclip_pl.data.decode import Collate
-from superclip_pl.data.loader import StreamLoader
+from superclip_pl.data.loader import StreamLoader, resume_mismatch
 from superclip_pl.data.mixture import SourceCounts
 from superclip_pl.data.ranks import gather, per_device_batch_size
 from superclip_pl.data.skips import ROLES, SkipCounts, skip_problem
@@ -283,18 +283,11 @@ class ImageTextDataModule(L.LightningDataModule):
         """Give the training loader this rank's saved position (before it starts iterating)."""
         saved, self._resume = self._resume, None
         rank, world_size = self._rank_world()
-        names = saved[0].get("sources", {}).get("names", [None])
-        if len(saved) != world_size or saved[rank]["loader"]["num_workers"] != self.num_workers:
+        mismatch = resume_mismatch(saved, world_size, self.num_workers, self.source_counts.names)
+        if mismatch:
             rank_zero_warn(
-                f"data: the checkpoint's stream positions are for {len(saved)} ranks x "
-                f"{saved[0]['loader']['num_workers']} workers, this run has {world_size} x "
-                f"{self.num_workers}: the training stream restarts from its beginning"
-            )
-            return
-        if names != self.source_counts.names:
-            rank_zero_warn(
-                f"data: the checkpoint's stream positions are for the sources {names}, this run reads "
-                f"{self.source_counts.names}: the training stream restarts from its beginning"
+                f"data: the checkpoint's stream positions are {mismatch}: the training stream restarts "
+                "from its beginning"
             )
             return
         mine = saved[rank]

@@ -83,3 +83,15 @@ class StreamLoader(StatefulDataLoader):
             return
         self._consumed = copy.deepcopy(state_dict["loader"])
         super().load_state_dict(state_dict["loader"])
+
+
+def resume_mismatch(saved: list[dict], world_size: int, num_workers: int, sources: list) -> str | None:
+    """Why the per-rank stream positions of a checkpoint (`saved`) cannot be resumed by this run, or
+    None when they can: the ranks, the workers per rank and the training sources must be the same."""
+    workers = saved[0]["loader"]["num_workers"]
+    if len(saved) != world_size or any(s["loader"]["num_workers"] != num_workers for s in saved):
+        return f"for {len(saved)} ranks x {workers} workers, this run has {world_size} x {num_workers}"
+    names = saved[0].get("sources", {}).get("names", [None])
+    if names != sources:
+        return f"for the sources {names}, this run reads {sources}"
+    return None
