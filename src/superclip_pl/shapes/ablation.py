@@ -12,7 +12,7 @@ ablation resumes where it stopped, and a smaller grid run first is completed by 
 and SuperCLIP - CLIP paired by seed) for the zero-shot mean, the retrieval mean and the linear probe.
 
 ``make ablation`` runs the README's grid (batch 16, 32, 64, 128; 3 seeds; 40k samples; evaluated at
-the end), sized to finish in about 1.5 hours on 2 CPU cores, runs two at a time.
+the end), 2 h 24 min on 2 shared CPU cores (two runs at a time).
 """
 
 from __future__ import annotations
