@@ -154,12 +154,12 @@ class SampleDecoder:
         """The training crop of a JPEG decoded by OpenCV, or None to decode it with PIL."""
         if not self.opencv or not isinstance(payload, bytes):
             return None
-        bgr = jpeg.decode_reduced(payload, self.draft, self.max_image_pixels)
-        if bgr is None:
+        rgb = jpeg.decode_reduced(payload, self.draft, self.max_image_pixels)
+        if rgb is None:
             return None
         t = self.transform
-        box = t.crop_box(bgr.shape[1], bgr.shape[0])
-        pixels = torch.from_numpy(jpeg.crop_resize(bgr, box, t.image_size)).permute(2, 0, 1)
+        box = t.crop_box(rgb.shape[1], rgb.shape[0])
+        pixels = torch.from_numpy(jpeg.crop_resize(rgb, box, t.image_size)).permute(2, 0, 1)
         return normalize(pixels, t.mean, t.std) if t.normalized else pixels
 
     def caption(self, example: Mapping, u_column: float, u_caption: float) -> tuple[str | None, bool]:

@@ -32,12 +32,15 @@ _KEY_AND_FIELD = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 def _members(url: str, config: DownloadConfig | None) -> Iterator[tuple[str, tarfile.ExFileObject]]:
     """(name, file) of the regular, non-hidden members of the tar at `url`, streamed.
 
-    HF's `iter_archive` does the same with tarfile's default 10 KiB reads, a dozen Python-level reads
-    per 100 KB image; a 1 MiB buffer makes that one or two.
+    Read as a stream (remote files need not be seekable). tarfile's stream reader joins and slices
+    its whole buffer on every read, 512-byte headers included, so a read costs in proportion to the
+    buffer: on the benchmark's 120 KB samples 1 MiB cost 0.39 ms per sample, 32 KiB 0.08 ms (about
+    tarfile's default 10 KiB, or seekable random access; `benchmarks/data_pipeline.py` history in
+    the README).
     """
     with (
         xopen(url, "rb", download_config=config, block_size=0) as f,
-        tarfile.open(fileobj=f, mode="r|*", bufsize=1 << 20) as stream,
+        tarfile.open(fileobj=f, mode="r|*", bufsize=1 << 15) as stream,
     ):
         for info in stream:
             if info.isreg() and not os.path.basename(info.name).startswith((".", "__")):
