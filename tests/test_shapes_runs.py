@@ -2,7 +2,7 @@
 
 import pytest
 
-from superclip_pl.shapes.ablation import gaps, main, paired, plot, summarise
+from superclip_pl.shapes.ablation import fingerprint, gaps, main, paired, plot, reusable, summarise
 from superclip_pl.shapes.runs import RETRIEVAL_R1, ZEROSHOT_TOP1, Run, headline
 
 
@@ -123,3 +123,28 @@ def test_the_demo_table_shows_every_seed_their_mean_and_spread():
     assert "0.420" in lines[3] and "+0.110" in lines[3]  # SuperCLIP's mean zero-shot, the R@1 gap
     assert lines[4].split()[1:4] == ["0.020", "/", "0.040"]  # max - min over seeds, CLIP / SuperCLIP
     assert len(format_seeds([0], clip[:1], sup[:1]).splitlines()) == 2  # one seed: no mean, no spread
+
+
+def test_an_ablation_reuses_only_runs_made_with_the_same_code_data_configs_and_settings(tmp_path):
+    config, manifest = tmp_path / "demo.yaml", tmp_path / "manifest.json"
+    config.write_text("model: {lr: 1.0e-3}\n")
+    manifest.write_text('{"params": {"seed": 0}}')
+    settings = {"samples": 40000, "eval_every": None, "extra": []}
+    current = fingerprint([config], manifest, settings)
+    assert current == fingerprint([config], manifest, dict(settings))  # a digest, not a timestamp
+    assert current["code"] and current["libraries"]["torch"]
+    changed = [
+        fingerprint([config], manifest, {**settings, "samples": 20000}),
+        fingerprint([config], manifest, {**settings, "extra": ["--model.lr", "3e-3"]}),
+        fingerprint([config], manifest, {**settings, "eval_every": 10000}),
+    ]
+    config.write_text("model: {lr: 3.0e-3}\n")
+    changed.append(fingerprint([config], manifest, settings))
+    config.write_text("model: {lr: 1.0e-3}\n")
+    manifest.write_text('{"params": {"seed": 1}}')  # the data set rendered differently
+    changed.append(fingerprint([config], manifest, settings))
+    assert all(c != current for c in changed)
+    runs = {"clip/bs16/seed0": {"fingerprint": current}, "clip/bs16/seed1": {"fingerprint": changed[3]}}
+    runs["superclip/bs16/seed0"] = {"method": "superclip"}  # from before fingerprints: not trusted
+    assert list(reusable({"runs": runs}, current)) == ["clip/bs16/seed0"]
+    assert reusable({}, current) == {}

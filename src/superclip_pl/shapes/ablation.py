@@ -11,6 +11,10 @@ ablation resumes where it stopped, and a smaller grid run first is completed by 
 (``--fresh`` redoes everything). Writes ``results.json`` and ``ablation.png`` (mean +- std over seeds,
 and SuperCLIP - CLIP paired by seed) for the zero-shot mean, the retrieval mean and the linear probe.
 
+A finished run is reused only when it was made by the same code (the package's sources and the torch,
+transformers and lightning versions), on the same data set (its manifest), with the same configs and
+settings: ``results.json`` never mixes numbers that the code as it is would not give.
+
 ``make ablation`` runs the README's grid (batch 16, 32, 64, 128; 3 seeds; 40k samples; evaluated at
 the end), 2 h 24 min on 2 shared CPU cores (two runs at a time).
 """
@@ -18,10 +22,13 @@ the end), 2 h 24 min on 2 shared CPU cores (two runs at a time).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.metadata
 import json
 import statistics
 from pathlib import Path
 
+import superclip_pl
 from superclip_pl.shapes.demo import METHODS
 from superclip_pl.shapes.runs import Run, headline, pyplot, run_all
 
@@ -30,6 +37,32 @@ HEADLINES = {
     "retrieval_mean_R@1": "retrieval R@1 (mean of i2t, t2i)",
     "probe_top1": "linear probe top-1 (shape)",
 }
+
+
+def fingerprint(configs: list[Path], data_manifest: Path, settings: dict) -> dict:
+    """What a run's numbers depend on besides its method, batch size and seed: ``settings`` (samples,
+    evaluations, extra arguments), sha256 digests of the config files, the data set's manifest and the
+    package's sources, and the versions of the libraries that train it."""
+
+    def digest(paths: list[Path], root: Path | None = None) -> str:
+        h = hashlib.sha256()
+        for path in paths:
+            h.update(str(path.relative_to(root) if root else path.name).encode() + b"\0" + path.read_bytes())
+        return h.hexdigest()[:16]
+
+    package = Path(superclip_pl.__file__).parent
+    return {
+        **settings,
+        "configs": digest([Path(c) for c in configs]),
+        "data": digest([data_manifest]),
+        "code": digest(sorted(package.rglob("*.py")), package),
+        "libraries": {n: importlib.metadata.version(n) for n in ("torch", "transformers", "lightning")},
+    }
+
+
+def reusable(previous: dict, current: dict) -> dict:
+    """The runs of an earlier ``results.json`` (``previous``) made with the ``current`` fingerprint."""
+    return {k: r for k, r in previous.get("runs", {}).items() if r.get("fingerprint") == current}
 
 
 def _keys(runs) -> list[str]:
@@ -174,8 +207,18 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("data/shapes is missing: run `make data` first (`make ablation` does it for you)")
     results_path = args.output_dir / "results.json"
     previous = {} if args.fresh or not results_path.exists() else json.loads(results_path.read_text())
-    setup = {"samples": args.samples}
-    done = previous.get("runs", {}) if previous.get("setup", {}).get("samples") == args.samples else {}
+    configs = sorted({args.configs_dir / f for files in METHODS.values() for f in files})
+    for config in configs:
+        if not config.exists():
+            raise SystemExit(f"{config} not found: run the ablation from the repository root")
+    settings = {"samples": args.samples, "eval_every": args.eval_every, "extra": args.extra}
+    setup = fingerprint(configs, Path("data/shapes/manifest.json"), settings)
+    done = reusable(previous, setup)
+    if len(done) < len(previous.get("runs", {})):
+        print(
+            f"ablation: {len(previous['runs']) - len(done)} runs in {results_path} were made with other "
+            "code, data, configs or settings; they are redone"
+        )
 
     grid = [(m, bs, s) for bs in args.batch_sizes for s in args.seeds for m in args.methods]
     todo = [g for g in grid if f"{g[0]}/bs{g[1]}/seed{g[2]}" not in done]
@@ -204,8 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
             "method": run.name,
             "batch_size": run.batch_size,
             "seed": run.seed,
-            "eval_every": run.eval_every,
-            "extra": run.extra,
+            "fingerprint": setup,
             "metrics": {**metrics, **headline(metrics)},
         }
         summary = summarise(done)
