@@ -212,9 +212,10 @@ def test_shortened_ablation_evaluates_every_run_at_its_end_and_resumes(shapes, m
     assert sorted(results["runs"]) == sorted(
         f"{m}/bs{b}/seed0" for m in ("clip", "superclip") for b in (4, 8)
     )
-    assert set(results["paired"]) == {"4", "8"} and results["setup"] == {"samples": 40}
+    setup = results["setup"]
+    assert set(results["paired"]) == {"4", "8"} and (setup["samples"], setup["eval_every"]) == (40, 24)
     for key, run in results["runs"].items():
-        assert run["metrics"]["train/samples_seen"] == 40 and run["eval_every"] == 24, key
+        assert run["metrics"]["train/samples_seen"] == 40 and run["fingerprint"] == setup, key
         method, bs = run["method"], run["batch_size"]
         shape = logged(out / method / f"bs{bs}-seed0", "zeroshot/shape/top1")
         assert [e.step for e in shape][-1] == 40 // bs and len(shape) == 2, key  # at 24 samples and the end
