@@ -1,15 +1,15 @@
 """How fast the vision tower can learn one attribute when it is told it directly.
 
     python benchmarks/attribute_learnability.py [--attribute shape|colour|count|all] [--steps 1250]
-                                                [--eval-every 250] [--style small]
+                                                [--eval-every 250] [--style primary]
 
 An upper bound for what contrastive or SuperCLIP training can reach in the same number of steps:
 the demo's vision tower (``tiny`` preset at the style's resolution: 32 px and patch 4 for
-``small``, as ``configs/demo.yaml`` builds it; 64 px and patch 8 for ``classic``) and a head of the
-SuperCLIP head's form (LayerNorm + Linear on the post-LayerNorm patch-token mean) are trained with
-a multi-label loss on which values of the attribute are present (shape: the shapes in the scene;
-colour: the colours; size: the sizes; count: the object count, one label), on freshly drawn
-training scenes of the style (the demo's distribution and training crop), with the demo's
+``primary`` and ``small``, as ``configs/demo.yaml`` builds it; 64 px and patch 8 for ``classic``)
+and a head of the SuperCLIP head's form (LayerNorm + Linear on the post-LayerNorm patch-token mean)
+are trained with a multi-label loss on which values of the attribute are present (shape: the shapes
+in the scene; colour: the colours; size: the sizes; count: the object count, one label), on freshly
+drawn training scenes of the style (the demo's distribution and training crop), with the demo's
 optimiser and schedule. Every ``eval-every`` steps it reports top-1 on the evaluation set of that
 attribute (``data/shapes/eval/<attribute>``, from ``make data``, which must be of the same style).
 ``--attribute all`` checks every attribute the style's data set evaluates. Run it before comparing
@@ -31,12 +31,14 @@ from torch import nn
 from superclip_pl.eval.sets import load_classification_set
 from superclip_pl.model import SuperCLIP
 from superclip_pl.module import param_groups, warmup_cosine
-from superclip_pl.shapes.scenes import STYLES, render_scene, sample_scene
+from superclip_pl.shapes.dataset import eval_sets
+from superclip_pl.shapes.scenes import DEFAULT_STYLE, STYLES, render_scene, sample_scene
 from superclip_pl.transforms import eval_transform, train_transform
 
 ATTRIBUTES = ("shape", "colour", "size", "count")
-# the demo model of each style: image size and overrides of the tiny preset (configs/demo.yaml for small)
-MODELS = {"small": (32, {"vision_config": {"patch_size": 4}}), "classic": (64, None)}
+# the demo model of each style: image size and overrides of the tiny preset (configs/demo.yaml: 32 px)
+PATCH_4 = {"vision_config": {"patch_size": 4}}
+MODELS = {"primary": (32, PATCH_4), "small": (32, PATCH_4), "classic": (64, None)}
 
 
 def classes(attribute: str, style: str) -> tuple[str, ...]:
@@ -67,7 +69,7 @@ def run(
     eval_every: int = 500,
     eval_root: str | None = None,
     seed: int = 0,
-    style: str = "small",
+    style: str = DEFAULT_STYLE,
 ) -> dict:
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--attribute", choices=[*ATTRIBUTES, "all"], default="all")
-    parser.add_argument("--style", choices=sorted(MODELS), default="small")
+    parser.add_argument("--style", choices=sorted(MODELS), default=DEFAULT_STYLE)
     parser.add_argument("--steps", type=int, default=1250, help="the demo's 20k samples at batch 16")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-root", help="evaluation set (default: data/shapes/eval/<attribute>)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    evaluated = ("shape", "colour", "count") if args.style == "classic" else ("shape", "colour", "size")
+    evaluated = tuple(eval_sets(args.style))
     attributes = evaluated if args.attribute == "all" else (args.attribute,)
     if args.eval_root and len(attributes) > 1:
         parser.error("--eval-root names one set: give --attribute too")

@@ -19,7 +19,7 @@ from superclip_pl.shapes.scenes import STYLES
 
 SMALL = ["--train-samples", "40", "--eval-samples", "20", "--retrieval-samples", "12", "--shard-size", "16"]
 SMALL += ["--probe-samples", "24"]
-DEMO = STYLES["small"]  # the default style
+DEMO = STYLES[scenes.DEFAULT_STYLE]  # the default style (primary)
 
 
 def _members(tar_path: Path) -> dict[str, dict[str, bytes]]:
@@ -99,12 +99,13 @@ def test_the_classic_style_gives_the_bytes_of_generator_version_2():
     assert digest.hexdigest() == "289843ca2aa6ecdc9a734509eb40f7b6479cd735944abd42c60e968a0c3e6f46"
 
 
-def test_the_small_style_speaks_a_word_level_vocabulary_of_about_20_words():
-    rng = random.Random(0)
+@pytest.mark.parametrize("style", ["small", "primary"])
+def test_the_demo_styles_speak_a_word_level_vocabulary_of_about_20_words(style):
+    rng, st = random.Random(0), STYLES[style]
     words = set()
     for _ in range(500):
-        words |= set(caption_scene(scenes.sample_scene(rng, None, DEMO), rng, None, "small").split())
-    named = {*DEMO.shapes, *DEMO.colours, *DEMO.sizes}
+        words |= set(caption_scene(scenes.sample_scene(rng, None, st), rng, None, style).split())
+    named = {*st.shapes, *st.colours, *st.sizes}
     assert named <= words and len(words) <= 30
 
 
@@ -148,11 +149,11 @@ def test_objects_are_apart_inside_the_border_and_drawn_in_their_colour(style):
             assert math.dist(scenes.object_rgb(o), scenes.COLOUR_RGB[o["colour"]]) <= 3**0.5 * st.tint
 
 
-@pytest.mark.parametrize("name", list(dataset.eval_sets("small")))
+@pytest.mark.parametrize("name", list(dataset.eval_sets(DEMO.name)))
 def test_classification_sets_follow_clip_benchmark_layout(data, name):
     root = data / "eval" / name
     classes = (root / "classnames.txt").read_text().splitlines()
-    assert classes == dataset.eval_sets("small")[name][0]
+    assert classes == dataset.eval_sets(DEMO.name)[name][0]
     templates = (root / "zeroshot_classification_templates.txt").read_text().splitlines()
     assert templates and all("{c}" in t for t in templates)
     nshards = int((root / "test/nshards.txt").read_text())
@@ -206,7 +207,7 @@ def test_tokenizer_loads_and_keeps_eval_words_whole(data):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(data / "tokenizer"))
-    for classes, templates in dataset.eval_sets("small").values():  # every word of every prompt
+    for classes, templates in dataset.eval_sets(DEMO.name).values():  # every word of every prompt
         for prompt in (t.format(c=c) for t in templates for c in classes):
             assert all(len(tok.tokenize(word)) == 1 for word in prompt.split()), prompt
     ids = tok("a small red circle")["input_ids"]

@@ -6,7 +6,7 @@
                                     [--extra ARGS FOR superclip fit ...]
 
 The paper's teaser redone at small scale: the SuperCLIP - CLIP gap against batch size, on the demo
-set (``small`` style) and model. Finished runs are kept in ``results.json``, so an interrupted
+set (``primary`` style) and model. Finished runs are kept in ``results.json``, so an interrupted
 ablation resumes where it stopped, and a smaller grid run first is completed by a larger one later
 (``--fresh`` redoes everything). Writes ``results.json`` and ``ablation.png`` (mean +- std over seeds,
 and SuperCLIP - CLIP paired by seed) for the zero-shot mean, the retrieval mean and the linear probe.
@@ -16,7 +16,7 @@ transformers and lightning versions), on the same data set (its manifest), with 
 settings: ``results.json`` never mixes numbers that the code as it is would not give.
 
 ``make ablation`` runs the README's grid (batch 16, 32, 64, 128; 3 seeds; 40k samples; evaluated at
-the end), 1 h 13 min on 2 idle CPU cores (two runs at a time).
+the end), about 1 h 15 min on 2 idle CPU cores (two runs at a time; the README has the measured time).
 """
 
 from __future__ import annotations

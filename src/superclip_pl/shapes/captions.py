@@ -1,8 +1,9 @@
 """Captions of the shape scenes: English sentences naming every object's size, colour and shape.
 
 Each style has its own sentence patterns. ``classic`` (11 patterns) varies the wording (synonyms of
-the sizes, positions, the count, the background); ``small`` (3 patterns) keeps a word-level
-vocabulary of 20 words, so that the vocabulary head's targets are the attributes themselves.
+the sizes, positions, the count, the background); ``primary`` and ``small`` (3 patterns) keep a
+word-level vocabulary (19 and 22 words), so that the vocabulary head's targets are the attributes
+themselves.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def _small(scene: dict, rng: random.Random, template: int | None) -> str:
     return patterns[rng.randrange(len(patterns)) if template is None else template]()
 
 
-_CAPTIONERS = {"classic": (_classic, 11), "small": (_small, 3)}
+_CAPTIONERS = {"classic": (_classic, 11), "small": (_small, 3), "primary": (_small, 3)}
 TEMPLATES = {style: n for style, (_, n) in _CAPTIONERS.items()}
 """Number of sentence patterns of each style."""
 N_TEMPLATES = TEMPLATES["classic"]

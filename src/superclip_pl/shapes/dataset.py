@@ -16,6 +16,7 @@ import math
 import multiprocessing as mp
 import random
 import tarfile
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from superclip_pl.shapes.captions import TEMPLATES, caption_scene
@@ -62,10 +63,13 @@ _TEMPLATES = {
         ],
     },
     # prompt ensembles over the other attributes, in the captions' own words
-    "small": {
-        "shape": [f"a {z} {c} {{c}}" for z in ("small", "large") for c in STYLES["small"].colours],
-        "colour": [f"a {z} {{c}} {s}" for z in ("small", "large") for s in STYLES["small"].shapes],
-        "size": [f"a {{c}} {c} {s}" for c in STYLES["small"].colours for s in STYLES["small"].shapes],
+    **{
+        name: {
+            "shape": [f"a {z} {c} {{c}}" for z in STYLES[name].sizes for c in STYLES[name].colours],
+            "colour": [f"a {z} {{c}} {s}" for z in STYLES[name].sizes for s in STYLES[name].shapes],
+            "size": [f"a {{c}} {c} {s}" for c in STYLES[name].colours for s in STYLES[name].shapes],
+        }
+        for name in ("small", "primary")
     },
 }
 COUNT_CLASSES = ("one shape", "two shapes", "three shapes")
@@ -156,8 +160,7 @@ def generate(
     """Write train shards, eval sets, tokenizer and ``manifest.json`` under ``output_dir``; return it.
 
     ``style`` names the scenes (``scenes.STYLES``); ``image_size`` defaults to the style's.
-    ``probe_samples`` is the size of the linear-probe set's train split (its test split has
-    ``eval_samples``).
+    ``probe_samples`` is the size of the linear-probe set's train split (its test split: ``eval_samples``).
     Does nothing when the manifest already records the same parameters (unless ``overwrite``).
     The output does not depend on ``num_workers``.
     """
@@ -268,8 +271,6 @@ def generate(
 
 
 def _version(package: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version(package)
     except PackageNotFoundError:
