@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -89,20 +89,10 @@ STYLES = {
         edge=0.06,
         tint=40,
     ),
-    # the small style with the three primary colours: a batch of 16 captions can no longer be told
-    # apart by colour alone, so the contrastive loss needs size and shape as well
-    "primary": Style(
-        "primary",
-        32,
-        ("circle", "square", "triangle", "cross", "ring", "diamond"),
-        ("red", "yellow", "blue"),
-        {"small": (0.14, 0.16), "large": (0.21, 0.24)},
-        {"small": ("small",), "large": ("large",)},
-        max_objects=2,
-        edge=0.06,
-        tint=40,
-    ),
 }
+# the small style with the three primary colours: a batch of 16 captions can no longer be told apart
+# by colour alone, so the contrastive loss needs size and shape as well
+STYLES["primary"] = replace(STYLES["small"], name="primary", colours=("red", "yellow", "blue"))
 DEFAULT_STYLE = "primary"
 # the classic style's tables under their old names (the classic captions and older callers use them)
 SIZES = STYLES["classic"].sizes
