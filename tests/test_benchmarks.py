@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -145,3 +146,10 @@ def test_attribute_learnability_reports_a_curve(bench, shapes_dir):
     assert [p["step"] for p in result["curve"]] == [2, 3]
     assert result["chance"] == 1 / 2 and all(0 <= p["top1"] <= 1 for p in result["curve"])
     assert all(p["loss"] > 0 for p in result["curve"])
+
+
+def test_attribute_learnability_checks_the_demo_model(bench):
+    """The primary style's tower is the one configs/demo.yaml trains (image size and preset overrides)."""
+    model = yaml.safe_load((BENCH.parent / "configs/demo.yaml").read_text())["model"]
+    image_size, overrides = bench("attribute_learnability").MODELS["primary"]
+    assert (image_size, overrides) == (model["image_size"], model["backbone_config"])

@@ -1,6 +1,6 @@
 """``make ablation``: CLIP vs SuperCLIP across batch sizes at equal samples seen, several seeds.
 
-    python -m superclip_pl.shapes.ablation [--batch-sizes 8 16 32 64 128] [--seeds 0 1 2] [--samples 40000]
+    python -m superclip_pl.shapes.ablation [--batch-sizes 8 16 32 64 128] [--seeds 0 1 2] [--samples 80000]
                                     [--methods clip superclip] [--eval-every SAMPLES] [--jobs 2]
                                     [--output-dir outputs/ablation]
                                     [--extra ARGS FOR superclip fit ...]
@@ -15,7 +15,7 @@ A finished run is reused only when it was made by the same code (the package's s
 transformers and lightning versions), on the same data set (its manifest), with the same configs and
 settings: ``results.json`` never mixes numbers that the code as it is would not give.
 
-``make ablation`` runs the README's grid (batch 16, 32, 64, 128; 3 seeds; 40k samples; evaluated at
+``make ablation`` runs the README's grid (batch 16, 32, 64, 128; 3 seeds; 80k samples; evaluated at
 the end), about 1 h 27 min on 2 idle CPU cores (two runs at a time; the README has the measured time).
 """
 

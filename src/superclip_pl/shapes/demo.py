@@ -1,6 +1,6 @@
 """``make demo``: CLIP and SuperCLIP trained alike on the shapes data, evaluated, compared side by side.
 
-    python -m superclip_pl.demo [--samples 40000] [--batch-size 16] [--seeds 0 1 | --seed 0] [--jobs 2]
+    python -m superclip_pl.demo [--samples 80000] [--batch-size 16] [--seeds 0 1 | --seed 0] [--jobs 2]
 
 At each seed both runs see the same data in the same order from the same initial towers; only the
 classification loss differs. Prints the comparison of the means over seeds and the headline numbers
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--samples", type=int, default=40000, help="training samples seen by each run")
+    parser.add_argument("--samples", type=int, default=80000, help="training samples seen by each run")
     parser.add_argument("--batch-size", type=int, default=16, help="batch size of both runs")
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument(
