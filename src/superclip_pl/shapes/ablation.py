@@ -16,7 +16,7 @@ transformers and lightning versions), on the same data set (its manifest), with 
 settings: ``results.json`` never mixes numbers that the code as it is would not give.
 
 ``make ablation`` runs the README's grid (batch 16, 32, 64, 128; 3 seeds; 80k samples; evaluated at
-the end), about 1 h 27 min on 2 idle CPU cores (two runs at a time; the README has the measured time).
+the end): 54 min 40 s on 2 idle CPU cores with the data rendered (two runs at a time; README).
 """
 
 from __future__ import annotations
