@@ -28,7 +28,7 @@ from timing import interleaved, median_ratio
 from torch.utils.data import DataLoader
 from workloads import CLIP_VOCAB, Batches, random_batch, word_tokenizer
 
-from superclip_pl.module import LitSuperCLIP
+from superclip_pl.train.module import LitSuperCLIP
 
 SHAPES = {
     # the demo's scale and the paper's B/16 (224 px, 77 tokens, the CLIP vocabulary)

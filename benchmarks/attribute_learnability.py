@@ -31,9 +31,9 @@ from torch import nn
 
 from superclip_pl.eval.sets import load_classification_set
 from superclip_pl.model import SuperCLIP
-from superclip_pl.module import param_groups, warmup_cosine
 from superclip_pl.shapes.dataset import eval_sets
 from superclip_pl.shapes.scenes import DEFAULT_STYLE, STYLES, render_scene, sample_scene
+from superclip_pl.train.module import param_groups, warmup_cosine
 from superclip_pl.transforms import eval_transform, train_transform
 
 ATTRIBUTES = ("shape", "colour", "size", "count")

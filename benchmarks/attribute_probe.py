@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from superclip_pl.eval.metrics import DEFAULT_TEMPLATES, build_classifier, classification_metrics
 from superclip_pl.eval.sets import load_classification_set
-from superclip_pl.module import LitSuperCLIP
 from superclip_pl.tokenizer import tokenize
+from superclip_pl.train.module import LitSuperCLIP
 from superclip_pl.transforms import eval_transform
 
 

@@ -28,8 +28,8 @@ from workloads import Batches, word_tokenizer
 
 from superclip_pl.eval.callbacks import ZeroShotClassification
 from superclip_pl.eval.metrics import build_classifier, classification_metrics
-from superclip_pl.module import LitSuperCLIP
 from superclip_pl.tokenizer import tokenize
+from superclip_pl.train.module import LitSuperCLIP
 
 TARGETS = {"functions_images_per_s": None, "callback_images_per_s": None}
 

@@ -11,7 +11,7 @@ CLIP is ``class_loss_weight=0`` (no head is built), SuperCLIP ``1``. Compiled = 
 on the ``SuperCLIP`` module (the losses stay eager).
 samples/s = batch x measured steps / their wall time (CUDA synchronised at both ends only).
 MFU = model FLOPs per step x steps/s / the device's dense bf16 peak. Model FLOPs: forward + backward
-of the step, counted by FlopCounterMode on the meta device (``superclip_pl.flops``).
+of the step, counted by FlopCounterMode on the meta device (``superclip_pl.train.flops``).
 The FSDP2 step: ``ModelParallelStrategy`` (data_parallel_size=1) runs ``configure_model``'s
 ``fully_shard``; it must give a finite loss.
 Without CUDA (and without ``--dry-run``) it prints one line and exits 0.
@@ -128,7 +128,7 @@ def loader(cfg: dict, device: torch.device, steps: int):
 
 
 def module(cfg: dict, tokenizer_dir: str, weight: float):
-    from superclip_pl.module import LitSuperCLIP
+    from superclip_pl.train.module import LitSuperCLIP
 
     torch.manual_seed(0)
     return LitSuperCLIP(

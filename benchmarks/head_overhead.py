@@ -5,7 +5,7 @@ classification loss for SuperCLIP) + backward + AdamW (the module's groups and h
 The two variants share one ``CLIPModel`` (CLIP = the same towers without the head), each with its
 own AdamW, and are timed in alternating rounds (``timing.interleaved``).
 
-FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (``superclip_pl.flops``) on the
+FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` (``superclip_pl.train.flops``) on the
 meta device: matmuls only, forward + backward, so the ratio is the head's
 Linear(width -> vocab) against the two towers, as in the paper's FLOPs figure.
 """
@@ -21,7 +21,7 @@ from workloads import CLIP_VOCAB, build_model, flops_per_step, random_batch, spe
 
 from superclip_pl.losses import DocumentFrequency
 from superclip_pl.model import SuperCLIP
-from superclip_pl.module import param_groups
+from superclip_pl.train.module import param_groups
 
 TARGETS = {
     "step_time_ratio": ("<=", 1.03),

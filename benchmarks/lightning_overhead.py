@@ -24,7 +24,7 @@ from timing import interleaved, median_ratio
 from torch.utils.data import DataLoader
 from workloads import Batches, random_batch, step_loss, word_tokenizer
 
-from superclip_pl.module import LitSuperCLIP, param_groups, warmup_cosine
+from superclip_pl.train.module import LitSuperCLIP, param_groups, warmup_cosine
 
 TARGETS = {"step_time_ratio": ("<=", 1.05), "lightning_ms_per_step": None, "plain_ms_per_step": None}
 

@@ -15,9 +15,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from torch.utils.data import IterableDataset
 from transformers import CLIPConfig, PreTrainedTokenizerFast
 
-from superclip_pl.flops import training_step_flops
 from superclip_pl.losses import DocumentFrequency, classification_loss, contrastive_loss
 from superclip_pl.model import SuperCLIP, clip_config
+from superclip_pl.train.flops import training_step_flops
 
 CLIP_VOCAB = 49408  # OpenAI CLIP BPE: 49406 ordinary tokens, then <|startoftext|>, <|endoftext|>
 CONTEXT = 77

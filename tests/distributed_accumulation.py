@@ -21,7 +21,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset
 
-from superclip_pl.module import LitSuperCLIP
+from superclip_pl.train.module import LitSuperCLIP
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import MICRO, quiet_trainer  # noqa: E402
@@ -86,7 +86,7 @@ def throughput(tokenizer_dir: str, out_dir: str) -> None:
     from lightning.pytorch.callbacks import ThroughputMonitor
     from lightning.pytorch.loggers import CSVLogger
 
-    from superclip_pl.module import batch_size
+    from superclip_pl.train.module import batch_size
 
     torch.manual_seed(0)
     module = LitSuperCLIP(tokenizer_dir, backbone_config=MICRO, warmup_steps=0)

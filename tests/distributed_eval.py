@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from conftest import quiet_trainer
 from shards import write_split
 from superclip_pl.eval.callbacks import ZeroShotClassification, ZeroShotRetrieval
-from superclip_pl.module import LitSuperCLIP
+from superclip_pl.train.module import LitSuperCLIP
 
 CLASSES = ["red", "green", "blue", "circle", "square", "star", "triangle"]
 TEMPLATES = ["a photo of a {c}.", "a {c} on the left"]

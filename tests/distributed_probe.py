@@ -19,7 +19,7 @@ from conftest import quiet_trainer
 from distributed_eval import val_loader
 from shards import write_split
 from superclip_pl.eval.linear_probe import LinearProbe
-from superclip_pl.module import LitSuperCLIP
+from superclip_pl.train.module import LitSuperCLIP
 
 PROBE_CLASSES = ["red", "green", "blue", "yellow", "grey"]
 NOISE = 300  # pixel noise (std): enough that a probe on a random model's features is far from perfect

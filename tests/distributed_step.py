@@ -13,7 +13,7 @@ import torch.distributed as dist
 from lightning.pytorch import Callback
 from torch.utils.data import DataLoader, IterableDataset
 
-from superclip_pl.module import LitSuperCLIP
+from superclip_pl.train.module import LitSuperCLIP
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import MICRO, quiet_trainer  # noqa: E402

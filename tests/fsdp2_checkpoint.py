@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
 from conftest import MICRO, quiet_trainer
-from superclip_pl.module import LitSuperCLIP
+from superclip_pl.train.module import LitSuperCLIP
 
 
 def main(tokenizer_dir: str, ckpt_dir: str) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from shards import write_shards
-from superclip_pl.cli import build_cli
+from superclip_pl.cli.main import build_cli
 from test_cli import debug_fit, scalars, shapes  # noqa: F401 (shapes: the data set fixture)
 
 

@@ -124,7 +124,7 @@ def shapes_dir(tmp_path) -> Path:
 
 def test_attribute_probe_reports_every_figure(bench, tmp_path, shapes_dir, tokenizer_dir, batch):
     from conftest import MICRO, quiet_trainer
-    from superclip_pl.module import LitSuperCLIP
+    from superclip_pl.train.module import LitSuperCLIP
 
     module = LitSuperCLIP(tokenizer_dir, backbone_config=MICRO, warmup_steps=0)
     trainer = quiet_trainer(max_steps=1)

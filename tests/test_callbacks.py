@@ -23,7 +23,7 @@ import distributed_eval as de
 from conftest import MICRO, quiet_trainer
 from superclip_pl.eval.callbacks import ZeroShotClassification, ZeroShotRetrieval
 from superclip_pl.eval.sets import load_classification_set, load_retrieval_set
-from superclip_pl.module import LitSuperCLIP
+from superclip_pl.train.module import LitSuperCLIP
 from superclip_pl.transforms import eval_transform
 
 HERE = os.path.dirname(__file__)
@@ -261,7 +261,7 @@ def test_label_outside_the_class_list_fails_naming_the_file(tmp_path, module, to
 def test_validate_writes_every_metric_to_metrics_json_and_prints_one_table(
     world, one_process, tmp_path, capsys
 ):
-    from superclip_pl.cli import main
+    from superclip_pl.cli.main import main
 
     checkpoint = torch.load(world.ckpt, weights_only=False)
     config = {

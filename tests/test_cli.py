@@ -12,7 +12,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from superclip_pl.cli import build_cli, main
+from superclip_pl.cli.main import build_cli, main
 from superclip_pl.shapes import ablation, dataset, demo
 from superclip_pl.shapes.runs import SHAPES_METRICS
 

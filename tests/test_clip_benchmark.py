@@ -22,8 +22,8 @@ from conftest import MICRO, quiet_trainer
 from superclip_pl.eval.callbacks import ZeroShotClassification, ZeroShotRetrieval
 from superclip_pl.eval.probe import linear_probe
 from superclip_pl.eval.sets import load_classification_set, load_retrieval_set
-from superclip_pl.module import LitSuperCLIP
 from superclip_pl.tokenizer import tokenize
+from superclip_pl.train.module import LitSuperCLIP
 from superclip_pl.transforms import eval_transform
 
 try:

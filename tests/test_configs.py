@@ -8,7 +8,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParalle
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 
 from superclip_pl import ImageTextDataModule, LitSuperCLIP
-from superclip_pl.cli import build_cli, main
+from superclip_pl.cli.main import build_cli, main
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # CLIP baselines are fragments: their SuperCLIP run's config plus the differences

@@ -17,12 +17,12 @@ from torch.utils.data import DataLoader
 from transformers import AutoImageProcessor, AutoProcessor, CLIPModel, CLIPProcessor, pipeline
 
 from conftest import COLOURS, MICRO, SHAPES, quiet_trainer
-from superclip_pl.cli import main
+from superclip_pl.cli.main import main
 from superclip_pl.eval.metrics import build_classifier
-from superclip_pl.export import export_checkpoint
+from superclip_pl.interop.export import export_checkpoint
 from superclip_pl.model import MAX_LOGIT_SCALE
-from superclip_pl.module import LitSuperCLIP
 from superclip_pl.tokenizer import tokenize
+from superclip_pl.train.module import LitSuperCLIP
 from superclip_pl.transforms import CLIP_MEAN, CLIP_STD, eval_transform
 
 HERE = os.path.dirname(__file__)

@@ -8,8 +8,8 @@ from torch.utils.data import DataLoader
 from transformers import CLIPConfig, CLIPModel
 
 from conftest import quiet_trainer
-from superclip_pl.export import export_checkpoint
-from superclip_pl.module import LitSuperCLIP
+from superclip_pl.interop.export import export_checkpoint
+from superclip_pl.train.module import LitSuperCLIP
 from test_export import fit_and_save
 
 

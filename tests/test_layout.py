@@ -133,7 +133,8 @@ def no_matplotlib(tmp_path) -> dict[str, str]:
 
 def test_the_library_and_its_cli_work_without_matplotlib(no_matplotlib):
     probe = (
-        "import superclip_pl, superclip_pl.cli, superclip_pl.export, sys; print('matplotlib' in sys.modules)"
+        "import superclip_pl, superclip_pl.cli, superclip_pl.interop.export, sys; "
+        "print('matplotlib' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", probe], env=no_matplotlib, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -17,7 +17,7 @@ from conftest import MICRO, quiet_trainer
 from superclip_pl import LinearProbe
 from superclip_pl.eval.probe import linear_probe, split_validation
 from superclip_pl.eval.sets import load_classification_set
-from superclip_pl.module import LitSuperCLIP
+from superclip_pl.train.module import LitSuperCLIP
 
 HERE = os.path.dirname(__file__)
 KEYS = [f"linprobe/colours/{m}" for m in ("top1", "top5", "mean_per_class_recall")]

@@ -9,8 +9,8 @@ from transformers import CLIPImageProcessorPil
 
 from conftest import COLOURS, MICRO, SHAPES, quiet_trainer
 from superclip_pl.data.decode import Collate
-from superclip_pl.module import LitSuperCLIP
 from superclip_pl.tokenizer import load_tokenizer, tokenize
+from superclip_pl.train.module import LitSuperCLIP
 from superclip_pl.transforms import CLIP_MEAN, CLIP_STD, eval_transform, normalize
 
 
@@ -74,7 +74,7 @@ def test_the_module_counts_and_targets_the_class_ids(tokenizer_dir, batch):
 def test_class_max_length_is_linked_from_the_model_to_the_data(tokenizer_dir, tmp_path, monkeypatch):
     from pathlib import Path
 
-    from superclip_pl.cli import build_cli
+    from superclip_pl.cli.main import build_cli
 
     monkeypatch.chdir(tmp_path)
     debug = Path(__file__).resolve().parent.parent / "configs" / "debug.yaml"

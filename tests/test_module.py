@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from conftest import MICRO, quiet_trainer
 from superclip_pl.losses import DocumentFrequency
-from superclip_pl.module import LitSuperCLIP, param_groups, warmup_cosine
+from superclip_pl.train.module import LitSuperCLIP, param_groups, warmup_cosine
 
 HERE = os.path.dirname(__file__)
 
@@ -207,7 +207,7 @@ def test_document_frequency_is_a_checkpointed_buffer(tokenizer_dir):
 
 
 def test_training_step_flops_count_the_head_as_its_linear_layer(tokenizer_dir):
-    from superclip_pl.flops import training_step_flops
+    from superclip_pl.train.flops import training_step_flops
 
     config = LitSuperCLIP(tokenizer_dir, backbone_config=MICRO).model.config
     batch, length = 4, 16
@@ -225,8 +225,8 @@ def test_throughput_monitor_logs_model_flops_per_second(tmp_path, tokenizer_dir,
     from lightning.pytorch.callbacks import ThroughputMonitor
     from lightning.pytorch.loggers import CSVLogger
 
-    from superclip_pl.flops import training_step_flops
-    from superclip_pl.module import batch_size
+    from superclip_pl.train.flops import training_step_flops
+    from superclip_pl.train.module import batch_size
 
     module = LitSuperCLIP(tokenizer_dir, backbone_config=MICRO, warmup_steps=0)
     monitor = ThroughputMonitor(batch_size_fn=batch_size, window_size=2)

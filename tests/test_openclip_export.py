@@ -13,11 +13,11 @@ from safetensors.torch import load_file
 from conftest import COLOURS, MICRO, SHAPES
 from openclip_models import GLOBAL_BATCH, TextDecoder, build, model_cfg, reference_idf, save_as_reference
 from openclip_ref import open_clip
-from superclip_pl.cli import build_cli, main
-from superclip_pl.clipdir import HEAD_FILE, read_extras
+from superclip_pl.cli.main import build_cli, main
+from superclip_pl.head_file import HEAD_FILE, read_extras
 from superclip_pl.losses import DocumentFrequency, classification_loss
 from superclip_pl.model import SuperCLIP
-from superclip_pl.module import LitSuperCLIP
+from superclip_pl.train.module import LitSuperCLIP
 from test_cli import debug_fit, shapes  # noqa: F401  (the module-scoped shapes data set fixture)
 from test_export import fit_and_save
 

@@ -11,9 +11,9 @@ from transformers import AutoTokenizer, CLIPConfig, pipeline
 
 from openclip_models import CAPTIONS, GLOBAL_BATCH, VOCAB, build, model_cfg, reference_idf, save_as_reference
 from openclip_ref import open_clip
-from superclip_pl.cli import main
-from superclip_pl.clip_bpe import clip_bpe_tokenizer
-from superclip_pl.clipdir import HEAD_FILE, read_extras
+from superclip_pl.cli.main import main
+from superclip_pl.head_file import HEAD_FILE, read_extras
+from superclip_pl.interop.clip_bpe import clip_bpe_tokenizer
 from superclip_pl.losses import DocumentFrequency
 from superclip_pl.model import SuperCLIP
 

@@ -14,7 +14,7 @@ import distributed_eval as de
 from conftest import MICRO
 from superclip_pl import LinearProbe, ZeroShotClassification, ZeroShotRetrieval
 from superclip_pl.eval.results import Row, result_rows, write_results
-from superclip_pl.module import LitSuperCLIP
+from superclip_pl.train.module import LitSuperCLIP
 
 
 def evaluated(callback, **values):

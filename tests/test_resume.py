@@ -326,7 +326,7 @@ def test_superclip_fit_resumes_exactly_through_the_cli(tmp_path, bad_shards, tok
     import yaml
 
     from conftest import MICRO
-    from superclip_pl.cli import build_cli
+    from superclip_pl.cli.main import build_cli
 
     config = {
         "model": {"backbone_config": MICRO, "warmup_steps": 0},

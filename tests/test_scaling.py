@@ -16,10 +16,10 @@ from torch.utils.data import DataLoader
 
 import distributed_accumulation as runs
 from conftest import MICRO, quiet_trainer
-from superclip_pl.flops import training_step_flops
 from superclip_pl.losses import contrastive_loss
 from superclip_pl.model import MAX_LOGIT_SCALE
-from superclip_pl.module import LitSuperCLIP
+from superclip_pl.train.flops import training_step_flops
+from superclip_pl.train.module import LitSuperCLIP
 
 HERE = os.path.dirname(__file__)
 CONFIGS = Path(HERE).parent / "configs"

@@ -7,13 +7,14 @@ without importing Lightning and transformers.
 from importlib import import_module
 
 _WHERE = {
-    "EmbeddingWriter": "superclip_pl.embeddings",
+    "EmbeddingWriter": "superclip_pl.eval.embeddings",
     "HeadPredictions": "superclip_pl.eval",
     "ImageTextDataModule": "superclip_pl.data",
     "DataSource": "superclip_pl.data",
     "LinearProbe": "superclip_pl.eval",
-    "LitSuperCLIP": "superclip_pl.module",
+    "LitSuperCLIP": "superclip_pl.train.module",
     "SuperCLIP": "superclip_pl.model",
+    "batch_size": "superclip_pl.train.module",
     "ZeroShotClassification": "superclip_pl.eval",
     "ZeroShotRetrieval": "superclip_pl.eval",
 }

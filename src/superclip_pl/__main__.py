@@ -1,5 +1,5 @@
 import sys
 
-from superclip_pl.cli import main
+from superclip_pl.cli.main import main
 
 sys.exit(main())

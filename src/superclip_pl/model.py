@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPConfig, CLIPModel
 
-from superclip_pl.clipdir import read_extras
+from superclip_pl.head_file import read_extras
 from superclip_pl.presets import PRESETS
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -184,8 +184,8 @@ class SuperCLIP(nn.Module):
     ) -> SuperCLIP:
         """A model from an open_clip or reference SuperCLIP checkpoint (file, directory or hub id, as
         ``superclip import`` reads them), with the checkpoint's head or a fresh one. The IDF counts are
-        in ``superclip_pl.importer.read_open_clip(...).doc_freq``."""
-        from superclip_pl.importer import read_open_clip
+        in ``superclip_pl.interop.importer.read_open_clip(...).doc_freq``."""
+        from superclip_pl.interop.importer import read_open_clip
 
         imp = read_open_clip(ckpt_path, model_config, tokenizer)
         clip = CLIPModel(imp.config)
@@ -205,7 +205,7 @@ class SuperCLIP(nn.Module):
 
     def logit_scale(self) -> torch.Tensor:
         """exp(logit scale) as a 0-d tensor. Training keeps the parameter in [0, log(100)] by clamping it
-        in place after every optimizer step (``superclip_pl.optim.clamp_logit_scale``), as the reference
+        in place after every optimizer step (``superclip_pl.train.optim.clamp_logit_scale``), as the reference
         does; a clamp here would zero its gradient once past the bound, so it could never come back."""
         return self.clip.logit_scale.exp().sum()  # (1,) -> 0-d, not a view
 

@@ -38,7 +38,7 @@ def check_ckpt_path(ckpt_path: str) -> int | None:
     """The checkpoint's global step, or a one-line error when it is not a SuperCLIP checkpoint."""
     if ckpt_path in ("last", "best", "hpc", "registry"):  # names Lightning resolves itself
         return None
-    from superclip_pl.export import read_checkpoint
+    from superclip_pl.interop.export import read_checkpoint
 
     try:
         _, rest = read_checkpoint(ckpt_path)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from superclip_pl.losses import classification_loss
-from superclip_pl.sharding import gradient_sync
+from superclip_pl.train.sharding import gradient_sync
 
 
 @dataclass

@@ -17,13 +17,11 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPProcessor
 
+from superclip_pl.head_file import HEAD_FILE
 from superclip_pl.transforms import CLIP_MEAN, CLIP_STD
-
-HEAD_FILE = "superclip_head.safetensors"  # head.{norm,proj}.{weight,bias}, doc_freq.{df,num_docs}
 
 
 def check_output_dir(output_dir: str | Path, overwrite: bool) -> Path:
@@ -86,35 +84,3 @@ def shareable(*paths: Path) -> None:
         for file in path.iterdir() if path.is_dir() else [path]:
             if file.is_file():
                 os.chmod(file, 0o666 & ~umask)
-
-
-def locate(name_or_path: str, filename: str) -> Path | None:
-    """``filename`` in a local directory or a hub repo (through the hub cache), None when absent."""
-    if os.path.isdir(name_or_path):
-        path = Path(name_or_path) / filename
-        return path if path.is_file() else None
-    if os.path.exists(name_or_path) or name_or_path.count("/") != 1:
-        return None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(hf_hub_download(name_or_path, filename))
-    except (EntryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError):
-        return None
-
-
-def read_extras(name_or_path: str) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
-    """``(head state, doc_freq state)`` of a directory's ``superclip_head.safetensors`` (None, None
-    without one; either is None when the file lacks it)."""
-    path = locate(name_or_path, HEAD_FILE)
-    if path is None:
-        return None, None
-    try:
-        tensors = load_file(path)
-    except (SafetensorError, OSError) as err:
-        raise ValueError(
-            f"cannot read {str(path)!r}: {err}; re-run `superclip import` or delete it"
-        ) from None
-    part = lambda prefix: {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)} or None
-    return part("head."), part("doc_freq.")

@@ -1,6 +1,6 @@
 """``superclip export`` and ``superclip import``: their argument parsers, built without importing
 torch or transformers (so that ``--help`` answers at once), and their runs. Errors propagate to
-``superclip_pl.cli.main``, which prints them in one line with exit status 2."""
+``superclip_pl.cli.main.main``, which prints them in one line with exit status 2."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import argparse
 import os
 from pathlib import Path
 
-DTYPES = ("bfloat16", "float16", "float32")  # superclip_pl.export.DTYPES
-FORMATS = ("hf", "open_clip")  # superclip_pl.export.FORMATS
-PAPER_BATCH = 16384  # superclip_pl.importer.PAPER_BATCH (kept equal by a test)
+DTYPES = ("bfloat16", "float16", "float32")  # superclip_pl.interop.export.DTYPES
+FORMATS = ("hf", "open_clip")  # superclip_pl.interop.export.FORMATS
+PAPER_BATCH = 16384  # superclip_pl.interop.importer.PAPER_BATCH (kept equal by a test)
 
 
 def export_parser() -> argparse.ArgumentParser:
@@ -95,7 +95,7 @@ def import_parser() -> argparse.ArgumentParser:
 def run_export(argv: list[str]) -> Path:
     """``superclip export ARGV``: the directory written."""
     args = export_parser().parse_args(argv)
-    from superclip_pl.export import export_checkpoint
+    from superclip_pl.interop.export import export_checkpoint
 
     out = export_checkpoint(
         args.ckpt_path,
@@ -114,7 +114,7 @@ def run_import(argv: list[str]) -> Path:
     """``superclip import ARGV``: the directory written."""
     args = import_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from superclip_pl.importer import import_checkpoint
+    from superclip_pl.interop.importer import import_checkpoint
 
     out = import_checkpoint(
         args.ckpt_path,

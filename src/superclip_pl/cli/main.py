@@ -45,7 +45,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     model and data module. With ``run=False`` the arguments carry no subcommand and the CLI only
     parses and instantiates. Errors propagate (``main`` turns them into exit statuses)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from superclip_pl.train_cli import make_cli
+    from superclip_pl.cli.lightning_cli import make_cli
 
     return make_cli(args, run)
 
@@ -60,11 +60,11 @@ def _first_line(err: BaseException) -> str:
 def _dispatch(argv: list[str], from_sys_argv: bool) -> None:
     command = argv[0] if argv else None
     if command == "export":
-        from superclip_pl.commands import run_export
+        from superclip_pl.cli.commands import run_export
 
         run_export(argv[1:])
     elif command == "import":
-        from superclip_pl.commands import run_import
+        from superclip_pl.cli.commands import run_import
 
         run_import(argv[1:])
     elif command in ("fit", "validate", "test", "predict"):

@@ -15,12 +15,12 @@ from pathlib import Path
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from superclip_pl.cli_checks import check_ckpt_path, check_data, resume_version
+from superclip_pl.cli.checks import check_ckpt_path, check_data, resume_version
+from superclip_pl.cli.run_end import RunEnd
 from superclip_pl.data import ImageTextDataModule
-from superclip_pl.embeddings import EmbeddingWriter
-from superclip_pl.module import LitSuperCLIP
-from superclip_pl.resume import Resume
-from superclip_pl.run_end import RunEnd
+from superclip_pl.eval.embeddings import EmbeddingWriter
+from superclip_pl.train.module import LitSuperCLIP
+from superclip_pl.train.resume import Resume
 
 DESCRIPTION = "Train and evaluate SuperCLIP models (CLIP + vocabulary classifier)."
 WHAT = {

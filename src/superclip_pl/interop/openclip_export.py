@@ -20,9 +20,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig
 
-from superclip_pl.clipdir import HEAD_FILE, read_extras, shareable
-from superclip_pl.openclip import HEAD_KEYS, doc_freq_to_reference, expected_shapes, from_hf
-from superclip_pl.openclip_config import from_clip_config
+from superclip_pl.head_file import HEAD_FILE, read_extras
+from superclip_pl.interop.clipdir import shareable
+from superclip_pl.interop.openclip import HEAD_KEYS, doc_freq_to_reference, expected_shapes, from_hf
+from superclip_pl.interop.openclip_config import from_clip_config
 from superclip_pl.tokenizer import load_tokenizer
 from superclip_pl.transforms import CLIP_MEAN, CLIP_STD
 

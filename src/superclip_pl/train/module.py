@@ -8,20 +8,20 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ThroughputMonitor
 
-from superclip_pl.accumulation import NegativesCache, cached_backward, forget_logged_step_values
-from superclip_pl.clipdir import read_extras
-from superclip_pl.flops import training_step_flops
+from superclip_pl.head_file import read_extras
 from superclip_pl.losses import DocumentFrequency, classification_loss, contrastive_loss, siglip_loss
 from superclip_pl.model import PRESETS, SuperCLIP
-from superclip_pl.optim import adamw_with_schedule, clamp_logit_scale, param_groups, warmup_cosine
-from superclip_pl.sharding import encoder_layers, shard
 from superclip_pl.tokenizer import load_tokenizer
+from superclip_pl.train.accumulation import NegativesCache, cached_backward, forget_logged_step_values
+from superclip_pl.train.flops import training_step_flops
+from superclip_pl.train.optim import adamw_with_schedule, clamp_logit_scale, param_groups, warmup_cosine
+from superclip_pl.train.sharding import encoder_layers, shard
 
 __all__ = ["LitSuperCLIP", "batch_size", "class_targets", "param_groups", "warmup_cosine"]
 
 
 def batch_size(batch: dict[str, torch.Tensor]) -> int:
-    """Samples in a batch (for ``ThroughputMonitor(batch_size_fn=superclip_pl.module.batch_size)``)."""
+    """Samples in a batch (for ``ThroughputMonitor(batch_size_fn=superclip_pl.batch_size)``)."""
     return batch["input_ids"].shape[0]
 
 
@@ -59,7 +59,7 @@ class LitSuperCLIP(LightningModule):
         accumulated_negatives: with ``trainer.accumulate_grad_batches`` K > 1, compute the contrastive
             (or SigLIP) loss of an optimizer step over the features of all its K micro-batches and all
             ranks (the batch the step trains with is K x devices x ``data.batch_size``), with the
-            activation memory of one micro-batch (gradient caching, see ``superclip_pl.accumulation``).
+            activation memory of one micro-batch (gradient caching, see ``superclip_pl.train.accumulation``).
             False: Lightning's accumulation, a loss per micro-batch (negatives: one micro-batch).
     """
 

@@ -5,8 +5,8 @@ the training-only vocabulary head and the SigLIP logit bias are left out), ``con
 training tokenizer, a ``CLIPImageProcessor`` that reproduces :func:`superclip_pl.transforms.eval_transform`
 (resize the shortest side, centre crop, OpenAI CLIP mean/std, bicubic), the ``CLIPProcessor`` that
 joins them, and a model card ``README.md``. ``transformers.pipeline("zero-shot-image-classification",
-model=DIR)`` loads it offline (:mod:`superclip_pl.clipdir`). ``--format open_clip`` writes the files
-open_clip loads instead, head included (:mod:`superclip_pl.openclip_export`).
+model=DIR)`` loads it offline (:mod:`superclip_pl.interop.clipdir`). ``--format open_clip`` writes the files
+open_clip loads instead, head included (:mod:`superclip_pl.interop.openclip_export`).
 
 Checkpoints are read as state dicts: nothing is trained or randomly initialised, the weights are
 checked key by key and shape by shape against the ``CLIPConfig`` rebuilt from the hyperparameters.
@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from transformers import CLIPConfig, CLIPModel
 
-from superclip_pl.clipdir import check_output_dir, write_clip_dir
-from superclip_pl.importer import PAPER_BATCH
+from superclip_pl.interop.clipdir import check_output_dir, write_clip_dir
+from superclip_pl.interop.importer import PAPER_BATCH
+from superclip_pl.interop.modelcard import model_card
+from superclip_pl.interop.openclip_export import read_clip_dir, write_open_clip
 from superclip_pl.model import MAX_LOGIT_SCALE, PRESETS, clip_config
-from superclip_pl.modelcard import model_card
-from superclip_pl.openclip_export import read_clip_dir, write_open_clip
 from superclip_pl.tokenizer import load_tokenizer
 
 PREFIX = "model.clip."  # LitSuperCLIP.model (SuperCLIP) .clip (CLIPModel)

@@ -4,8 +4,8 @@ Reads a ``torch.save`` file (``{"state_dict": ..., "optimizer": ...}`` with ``mo
 the reference trainer saves, or a bare state dict) or a safetensors file; a local directory or a hub
 repo in open_clip's layout (``open_clip_config.json`` beside ``open_clip_model.safetensors`` or
 ``open_clip_pytorch_model.bin``, as ``superclip export --format open_clip`` writes); or
-``ORG/REPO/FILE``, one file of a hub repo. Every tensor is mapped (:mod:`superclip_pl.openclip`) and
-the result is an HF ``CLIPModel`` directory (:mod:`superclip_pl.clipdir`) with the head and the IDF
+``ORG/REPO/FILE``, one file of a hub repo. Every tensor is mapped (:mod:`superclip_pl.interop.openclip`) and
+the result is an HF ``CLIPModel`` directory (:mod:`superclip_pl.interop.clipdir`) with the head and the IDF
 counts of a SuperCLIP checkpoint in ``superclip_head.safetensors``.
 """
 
@@ -24,10 +24,22 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import CLIPConfig
 
-from superclip_pl.clip_bpe import clip_bpe_tokenizer
-from superclip_pl.clipdir import check_output_dir, write_clip_dir
-from superclip_pl.openclip import NOT_WEIGHTS, doc_freq_to_ours, head_to_ours, key_pairs, text_prefix, to_hf
-from superclip_pl.openclip_config import check_model_cfg, infer_model_cfg, load_model_cfg, to_clip_config
+from superclip_pl.interop.clip_bpe import clip_bpe_tokenizer
+from superclip_pl.interop.clipdir import check_output_dir, write_clip_dir
+from superclip_pl.interop.openclip import (
+    NOT_WEIGHTS,
+    doc_freq_to_ours,
+    head_to_ours,
+    key_pairs,
+    text_prefix,
+    to_hf,
+)
+from superclip_pl.interop.openclip_config import (
+    check_model_cfg,
+    infer_model_cfg,
+    load_model_cfg,
+    to_clip_config,
+)
 from superclip_pl.tokenizer import load_tokenizer
 from superclip_pl.transforms import CLIP_MEAN, CLIP_STD
 

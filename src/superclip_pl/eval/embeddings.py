@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from safetensors.torch import save_file
 
-from superclip_pl.clipdir import shareable
+from superclip_pl.interop.clipdir import shareable
 
 
 class EmbeddingWriter(BasePredictionWriter):
