@@ -30,6 +30,7 @@ def image_text_stream(
     normalized: bool = True,
     source_index: int = 0,
     jpeg_decoder: str = "auto",
+    num_workers: int = 0,
 ) -> ImageTextStream:
     """The stream of decoded samples that rank `rank` of `world_size` reads from `source`.
 
@@ -38,12 +39,14 @@ def image_text_stream(
     selects the random-crop transform and a random caption (column) among several; `infinite`
     defaults to it. `normalized=False` yields uint8 images (the data module normalises them on the
     device); `source_index` is the source's place in a mixture; `jpeg_decoder` (auto, pil, opencv)
-    how training decodes JPEGs.
+    how training decodes JPEGs; `num_workers` the DataLoader workers per rank (a CSV's rows are dealt
+    out over ranks x workers).
     """
     opened = open_source(source, role)
     if not opened.first:
         raise ValueError(f"data.{role}: {source.describe()} has no example")
     columns = resolve_columns(columns_found(opened.first), source, role, schema_less=opened.schema_less)
+    opened.check(columns.images)
     make = train_transform if training else eval_transform
     decoder = SampleDecoder(
         columns,
@@ -54,7 +57,8 @@ def image_text_stream(
         source=source.name,
         opencv=training and jpeg_decoder != "pil" and jpeg.available(),
     )
-    ours = split_dataset_by_node(opened.select(columns.all), rank=rank, world_size=world_size)
+    selected = opened.select(columns, world_size * max(num_workers, 1))
+    ours = split_dataset_by_node(selected, rank=rank, world_size=world_size)
     return ImageTextStream(
         ours,
         decoder,
@@ -62,7 +66,7 @@ def image_text_stream(
         seed=seed,
         infinite=training if infinite is None else infinite,
         rank=rank,
-        source_shards=opened.num_shards,
+        source_shards=selected.num_shards,
         source_index=source_index,
     )
 
@@ -96,6 +100,7 @@ def role_stream(
             role=where[i],
             normalized=False,
             source_index=i,
+            num_workers=num_workers,
             **options,
         )
         for i, s in enumerate(sources)

@@ -109,7 +109,8 @@ def check_columns(source, key: str) -> None:
         opened = open_source(source, key)
         if not opened.first:
             raise ValueError(f"data.{key}: {source.describe()} has no example")
-        resolve_columns(columns_found(opened.first), source, key, schema_less=opened.schema_less)
+        columns = resolve_columns(columns_found(opened.first), source, key, schema_less=opened.schema_less)
+        opened.check(columns.images)
     except ValueError as err:
         raise UserError(str(err).strip().splitlines()[0]) from None
 

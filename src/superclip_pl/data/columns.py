@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 from superclip_pl.data.sources import DataSource
 
-IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img")
-TEXT_COLUMNS = ("txt", "caption", "text", "captions")
+# filepath / title: open_clip's CSV columns; file_name: HF imagefolder's metadata column
+IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "img", "filepath", "file_name")
+TEXT_COLUMNS = ("txt", "caption", "text", "captions", "title")
 # columns that name a sample (webdataset's __key__ / __url__, or an id column): kept for `keys`
 KEY_COLUMNS = ("__key__", "__url__", "key", "id")
 

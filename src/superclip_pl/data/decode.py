@@ -21,6 +21,7 @@ from torch.utils.data import default_collate
 
 from superclip_pl.data import jpeg
 from superclip_pl.data.columns import Columns
+from superclip_pl.data.csvfiles import BAD_ROW
 from superclip_pl.data.skips import REASONS
 from superclip_pl.tokenizer import tokenize
 from superclip_pl.transforms import TrainTransform, normalize
@@ -183,6 +184,8 @@ class SampleDecoder:
 
     def __call__(self, example: Mapping, choice: Sequence[float] = (0.0, 0.0)) -> dict | str:
         """`choice`: two uniforms in [0, 1), drawing the caption column and the caption in it."""
+        if BAD_ROW in example:
+            return "bad_row"
         text, fallback = self.caption(example, choice[0], choice[1])
         if text is None:
             return "empty_caption"  # checked first: cheaper than decoding an image we would drop

@@ -20,6 +20,7 @@ REASONS = (
     "too_large",  # more than max_image_pixels, seen from the header before decoding
     "empty_caption",  # caption missing, empty or whitespace only, or no caption inside its JSON
     "truncated_shard",  # a shard (or run of them) that stops being readable; the rest is skipped
+    "bad_row",  # a CSV row whose fields do not match the header, or that the csv reader rejects
 )
 ROLES = ("train", "val", "test", "predict")
 

@@ -1,9 +1,10 @@
 """Where image-caption pairs come from: `load_dataset(..., streaming=True)` arguments plus column names.
 
 Anything `load_dataset` streams works: hub ids ("pixparse/cc3m-wds"), local webdataset tar shards
-("webdataset" + data_files), parquet files ("parquet"), image folders with a metadata.jsonl/csv
-("imagefolder"), or a local directory. Problems with a source are reported here, before training
-starts, in one line that names the bad value and the choices.
+("webdataset" + data_files), parquet files ("parquet"), CSV / TSV files of image paths and captions
+("csv", open_clip's format), image folders with a metadata.jsonl/csv ("imagefolder"), or a local
+directory. Problems with a source are reported here, before training starts, in one line that names
+the bad value and the choices.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from itertools import islice
 import datasets
 from datasets.download import DownloadConfig
 
-from superclip_pl.data import tars
+from superclip_pl.data import csvfiles, tars
 
 
 @dataclass
@@ -27,8 +28,9 @@ class DataSource:
 
     Args:
         path: `load_dataset` path: a hub id ("pixparse/cc3m-wds"), a builder ("webdataset", "parquet",
-            "imagefolder") used with `data_files`, or a local directory.
+            "csv", "imagefolder") used with `data_files`, or a local directory.
         data_files: files or glob patterns, e.g. "data/shapes/train/*.tar"; a dict maps splits to them.
+            A CSV's relative image paths are read relative to the CSV file's directory.
         split: split to read.
         name: the source's name in logs (`data/samples_read/<name>`) and messages.
         weight: share of the training samples drawn from this source when `data.train` lists several
@@ -38,11 +40,13 @@ class DataSource:
         revision: git revision (branch, tag or commit) of a hub data set.
         image_column: column holding the image, or a list of candidates (a sample's image is the
             first of them it has: webdataset shards that mix .jpg, .png, .webp samples); found
-            among jpg, jpeg, png, webp, image, img if unset.
+            among jpg, jpeg, png, webp, image, img, filepath, file_name if unset.
         text_column: column holding the caption (a text, a list of texts, or JSON with a caption), or
             several columns with the probability of drawing each per sample, e.g. {txt: 0.5,
             recaption: 0.5} (an empty drawn column falls back to a non-empty one, and is counted);
-            found among txt, caption, text, captions if unset.
+            found among txt, caption, text, captions, title if unset.
+        separator: the column separator of CSV files, one character (or tab, comma); unset: a tab
+            for .tsv / .tab files, else a comma (open_clip's --csv-separator defaults to a tab).
     """
 
     path: str
@@ -55,6 +59,7 @@ class DataSource:
     revision: str | None = None
     image_column: str | list[str] | None = None
     text_column: str | dict[str, float] | None = None
+    separator: str | None = None
 
     def describe(self) -> str:
         """`path=..., data_files=..., split=...`: the fields that are set, for messages."""
@@ -67,13 +72,15 @@ class DataSource:
 
 @dataclass
 class OpenedSource:
-    """A source opened for streaming: its first examples (they tell its columns), and the data set
-    restricted to the columns a stream reads (`select`)."""
+    """A source opened for streaming: its first examples (they tell its columns), the data set
+    restricted to the columns a stream reads (`select(columns, parts)`: `Columns`, and how many
+    readers, ranks x workers, will share it), and a check of the first examples' images (`check`)."""
 
     first: list[dict]
     schema_less: bool  # webdataset tars: samples may differ in their fields
     num_shards: int
-    select: Callable[[list[str]], datasets.IterableDataset]
+    select: Callable[..., datasets.IterableDataset]
+    check: Callable[[tuple[str, ...]], None] = lambda images: None
 
 
 def missing_local_patterns(source: DataSource) -> list[str]:
@@ -107,20 +114,39 @@ def open_source(source: DataSource, role: str = "train") -> OpenedSource:
             data_files=source.data_files,
             revision=source.revision,
         )
+        config = DownloadConfig(token=builder.token, storage_options=builder.storage_options)
         if (urls := tars.webdataset_files(builder, source.split)) is not None:
-            config = DownloadConfig(token=builder.token, storage_options=builder.storage_options)
             first = tars.first_samples(urls, config)
             return OpenedSource(
-                first, True, len(urls), lambda columns: tars.tar_dataset(urls, columns, config)
+                first, True, len(urls), lambda columns, parts=1: tars.tar_dataset(urls, columns.all, config)
             )
-        ds = builder.as_streaming_dataset(split=source.split).decode(False)
+        if (urls := csvfiles.csv_files(builder, source.split)) is not None:
+            return _opened_csv(urls, source, role, config)
+        if source.separator is not None:
+            raise ValueError(f"data.{role}.separator: applies to CSV / TSV files only ({source.describe()})")
+        ds = builder.as_streaming_dataset(split=source.split)
+        ds = ds if ds.features is None else ds.decode(False)  # unknown features (json): nothing decodes
         examples = iter(ds)
         first = list(islice(examples, 1))
         examples.close()
     except Exception as err:  # load_dataset raises many types; all mean "cannot open this source"
+        if isinstance(err, ValueError) and str(err).startswith(f"data.{role}."):
+            raise  # ours (a CSV's separator): already one line naming the key
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"data.{role}: cannot open {source.describe()}: {reason}") from err
-    return OpenedSource(first, False, ds.num_shards, ds.select_columns)
+    return OpenedSource(first, False, ds.num_shards, lambda columns, parts=1: ds.select_columns(columns.all))
+
+
+def _opened_csv(urls: list[str], source: DataSource, role: str, config: DownloadConfig) -> OpenedSource:
+    """CSV / TSV files, read by `csvfiles.py`: rows dealt out over the `parts` readers of a stream."""
+    first = csvfiles.first_rows(urls, source.separator, role, config)
+
+    def select(columns, parts: int = 1) -> datasets.IterableDataset:
+        return csvfiles.csv_dataset(urls, columns.all, columns.images, parts, source.separator, config, role)
+
+    return OpenedSource(
+        first, False, len(urls), select, lambda images: csvfiles.check_first_images(urls, first, images, role)
+    )
 
 
 def sharding_advice(num_shards: int, world_size: int, num_workers: int) -> str | None:
