@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from superclip_pl.cli.checks import check_ckpt_path, check_data, resume_version
 from superclip_pl.cli.run_end import RunEnd
+from superclip_pl.cli.sources import whole_sources
 from superclip_pl.data import ImageTextDataModule
 from superclip_pl.eval.embeddings import EmbeddingWriter
 from superclip_pl.train.module import LitSuperCLIP
@@ -34,7 +35,7 @@ WHAT = {
 MORE = (
     " The data module's own options: superclip {0} --data.help superclip_pl.ImageTextDataModule;"
     " a data source's fields: path, data_files, split, name, weight, config_name, data_dir, revision,"
-    " image_column, text_column (README, Configs). Every value of a config: superclip {0} --config"
+    " image_column, text_column, separator (README, Configs). Every value of a config: superclip {0} --config"
     " FILE --print_config."
 )
 
@@ -80,6 +81,14 @@ class SuperCLIPCLI(RunEnd, LightningCLI):
         if subcommand and (ckpt_path := self.config[subcommand].get("ckpt_path")):
             self.checkpoint_step = check_ckpt_path(ckpt_path)
         super()._parse_ckpt_path()
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """LightningCLI's, except that a whole data source given on the command line replaces the
+        config's instead of merging into it (``cli/sources.py``)."""
+        if args is None or isinstance(args, list):
+            self.config = parser.parse_args(whole_sources(sys.argv[1:] if args is None else args))
+        else:
+            super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser) -> None:
         # one tokenizer and one caption length feed both the data pipeline and the model
