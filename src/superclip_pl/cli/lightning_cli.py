@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from superclip_pl.cli.checks import check_ckpt_path, check_data, resume_version
@@ -21,6 +21,7 @@ from superclip_pl.cli.sources import whole_sources
 from superclip_pl.data import ImageTextDataModule
 from superclip_pl.eval.embeddings import EmbeddingWriter
 from superclip_pl.train.module import LitSuperCLIP
+from superclip_pl.train.progress import StepProgressBar
 from superclip_pl.train.resume import Resume
 
 DESCRIPTION = "Train and evaluate SuperCLIP models (CLIP + vocabulary classifier)."
@@ -110,8 +111,15 @@ class SuperCLIPCLI(RunEnd, LightningCLI):
             config.trainer.logger.init_args.version = version
 
     def instantiate_trainer(self, **kwargs):
+        # the callbacks of the config, before Lightning adds its defaults to the same list
+        configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
+        configured = list(configured) if isinstance(configured, list) else [configured]
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(Resume())
+        # Lightning's own bar (none configured) -> the one that counts steps against max_steps
+        for i, callback in enumerate(trainer.callbacks):
+            if type(callback) is RichProgressBar and not any(callback is c for c in configured):
+                trainer.callbacks[i] = StepProgressBar()
         return trainer
 
     def _at_checkpoint_step(self) -> None:
@@ -123,9 +131,11 @@ class SuperCLIPCLI(RunEnd, LightningCLI):
             loop._batches_that_stepped = self.checkpoint_step
 
     def before_validate(self) -> None:
+        super().before_validate()
         self._at_checkpoint_step()
 
     def before_test(self) -> None:
+        super().before_test()
         self._at_checkpoint_step()
 
     def before_predict(self) -> None:

@@ -22,6 +22,7 @@ COMMANDS = {
     "predict": "embed data.predict's images and captions into files (one per rank) with a checkpoint",
     "export": "checkpoint -> a transformers CLIPModel directory, or open_clip files",
     "import": "open_clip / reference SuperCLIP checkpoint -> a directory to fine-tune from",
+    "recipes": "list the shipped configs (--config NAME runs one), or copy them: --copy DIR",
 }
 USAGE = "usage: superclip {" + ",".join(COMMANDS) + "} [-h] ..."
 HELP = "\n".join(
@@ -45,6 +46,9 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     model and data module. With ``run=False`` the arguments carry no subcommand and the CLI only
     parses and instantiates. Errors propagate (``main`` turns them into exit statuses)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from superclip_pl.cli.quiet import quiet
+
+    quiet()
     from superclip_pl.cli.lightning_cli import make_cli
 
     return make_cli(args, run)
@@ -67,8 +71,17 @@ def _dispatch(argv: list[str], from_sys_argv: bool) -> None:
         from superclip_pl.cli.commands import run_import
 
         run_import(argv[1:])
+    elif command == "recipes":
+        from superclip_pl.cli.recipes import run_recipes
+
+        run_recipes(argv[1:])
     elif command in ("fit", "validate", "test", "predict"):
-        build_cli(None if from_sys_argv else argv)  # LightningCLI reads sys.argv itself
+        from superclip_pl.cli.recipes import with_recipes
+
+        argv = with_recipes(argv)  # --config debug: the shipped recipe
+        if from_sys_argv:  # LightningCLI reads sys.argv itself
+            sys.argv[1:] = argv
+        build_cli(None if from_sys_argv else argv)
     elif command in ("-h", "--help"):
         print(HELP)
     else:
