@@ -103,4 +103,6 @@ trainer:
     ]
     with open(log_dir / "results.csv") as f:
         assert float(list(csv.DictReader(f))[2]["value"]) == pytest.approx((recall + r1) / 2, abs=1e-6)
-    assert f"results written to {log_dir / 'results.md'}" in proc.stdout
+    closing = proc.stdout.strip().splitlines()[-1]  # the run's last line says where its results are
+    assert closing.startswith("superclip validate: done")
+    assert closing.endswith(f"metrics {log_dir / 'metrics.json'} (results.md, results.csv beside it)")

@@ -1,10 +1,12 @@
-"""The end of a ``superclip`` run: a fit ends with its final model saved and evaluated, and every run
-writes its final metrics to ``metrics.json`` (plus ``results.md`` / ``.csv``) in its log directory."""
+"""The end of a ``superclip`` run: a fit ends with its final model saved and evaluated, every run
+writes its final metrics to ``metrics.json`` (plus ``results.md`` / ``.csv``) in its log directory, and
+closes with one line saying what it did and where its outputs are."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 from superclip_pl.eval.evaluation import SetEvaluation
@@ -14,20 +16,31 @@ from superclip_pl.eval.results import write_results
 class RunEnd:
     """What a LightningCLI (``self.trainer``, ``self.model``, ``self.datamodule``) does after each run."""
 
-    def _write_metrics(self, earlier: dict | None = None) -> None:
+    started: float | None = None  # time.monotonic() at the start of the run
+
+    def _write_metrics(self, earlier: dict | None = None) -> str | None:
         """Write the run's final metrics as one flat JSON object to ``<log_dir>/metrics.json``; those
-        of ``earlier`` that the last loop did not log again (training metrics) are kept."""
+        of ``earlier`` that the last loop did not log again (training metrics) are kept. Returns where
+        they are, for the closing line (None on ranks other than 0)."""
         trainer = self.trainer
         log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast: every rank asks
         if not trainer.is_global_zero:
-            return
+            return None
         values = {**(earlier or {}), **trainer.callback_metrics}
         metrics = {k: float(v) for k, v in sorted(values.items()) if v.numel() == 1}
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        print(f"metrics written to {log_dir / 'metrics.json'}")
-        for path in write_results(log_dir, [c for c in trainer.callbacks if isinstance(c, SetEvaluation)]):
-            print(f"results written to {path}")
+        tables = write_results(log_dir, [c for c in trainer.callbacks if isinstance(c, SetEvaluation)])
+        beside = f" ({', '.join(p.name for p in tables)} beside it)" if tables else ""
+        return f"metrics {log_dir / 'metrics.json'}{beside}"
+
+    def _elapsed(self) -> str:
+        seconds = round(time.monotonic() - self.started) if self.started is not None else 0
+        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+    def _closing_line(self, what: str, metrics: str | None) -> None:
+        if metrics is not None:  # rank 0
+            print(f"superclip {self.subcommand}: {what}; {metrics}")
 
     def _stale_evaluation(self) -> int | None:
         """The step of the last evaluation during fit when it is not the final step (a validation
@@ -58,6 +71,26 @@ class RunEnd:
             if trainer.is_global_zero:
                 print(f"final model (step {trainer.global_step}) saved to {path}")
 
+    def before_fit(self) -> None:
+        self.started = time.monotonic()
+
+    def before_validate(self) -> None:
+        self.started = time.monotonic()
+
+    def before_test(self) -> None:
+        self.started = time.monotonic()
+
+    def _fit_summary(self) -> str:
+        trainer = self.trainer
+        ending = "stopped at" if trainer.interrupted else "done,"
+        budget = f"/{trainer.max_steps}" if trainer.max_steps > 0 else ""
+        samples = int(self.model.samples_seen)
+        paths = [c.last_model_path or c.best_model_path for c in trainer.checkpoint_callbacks]
+        ckpt = f"checkpoint {paths[0]}" if paths and paths[0] else "no checkpoint"
+        return (
+            f"{ending} step {trainer.global_step}{budget}, {samples} samples seen, {self._elapsed()}; {ckpt}"
+        )
+
     def after_fit(self) -> None:
         self._save_final_checkpoint()
         stale, earlier = self._stale_evaluation(), dict(self.trainer.callback_metrics)
@@ -68,10 +101,10 @@ class RunEnd:
                     f"{self.trainer.global_step}: evaluating the final model"
                 )
             self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
-        self._write_metrics(earlier)
+        self._closing_line(self._fit_summary(), self._write_metrics(earlier))
 
     def after_validate(self) -> None:
-        self._write_metrics()
+        self._closing_line(f"done, {self._elapsed()}", self._write_metrics())
 
     def after_test(self) -> None:
-        self._write_metrics()
+        self._closing_line(f"done, {self._elapsed()}", self._write_metrics())

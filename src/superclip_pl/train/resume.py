@@ -2,8 +2,9 @@
 
 - The loggers' step labels continue without overlap: Lightning restores its logging counter one short
   of the steps done when the checkpoint was saved after a validation; it is the step count again.
-- The progress bar counts the epoch's batches from its start, so its total is the epoch's too (Lightning
-  gives it the steps left: 16/8 after a resume at step 8 of 16).
+- Lightning's progress bars count the epoch's batches from its start, so their total is the epoch's too
+  (Lightning gives it the steps left: 16/8 after a resume at step 8 of 16); ``StepProgressBar``, the
+  CLI's default, counts steps itself.
 - When ``max_steps`` differs from the checkpoint's run, one line says what happens to the learning-rate
   schedule, and training starts at the new schedule's rate (not at the rate the old one had reached,
   0 at the end of a cosine, for one step before a jump).
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+from superclip_pl.train.progress import StepProgressBar
 
 
 class Resume(Callback):
@@ -41,6 +44,8 @@ class Resume(Callback):
         self._fix_bar = False
         done, bar = batch_idx + 1, trainer.progress_bar_callback
         total = done + trainer.max_steps - trainer.global_step
+        if isinstance(bar, StepProgressBar):  # counts steps itself
+            return
         if (
             isinstance(bar, RichProgressBar)
             and bar.progress is not None
