@@ -153,3 +153,69 @@ def test_the_demo_says_which_extra_it_needs(no_matplotlib):
     assert out.stderr.strip().splitlines() == [
         "the demo's plots need matplotlib: pip install 'superclip-pl[demo]' (make install does it)"
     ]
+
+
+def wing(module: str) -> str:
+    """``cli``, ``train``, ``interop``, ``data``, ``eval``, ``shapes``, or ``method`` (the top level)."""
+    parts = module.split(".")
+    return (
+        parts[1] if len(parts) > 2 or MODULES[module].name == "__init__.py" and len(parts) == 2 else "method"
+    )
+
+
+# what each wing may import: the method depends on nothing of ours; the Lightning system on the method;
+# data, evaluation and other formats sit beside it; the command line and the demo put them together
+MAY_IMPORT = {
+    "method": {"method"},
+    "train": {"method", "train"},
+    "data": {"method", "data"},
+    "interop": {"method", "interop"},
+    "eval": {"method", "eval", "data", "interop"},
+    "cli": {"method", "train", "data", "eval", "interop", "cli"},
+    "shapes": {"method", "train", "data", "eval", "interop", "cli", "shapes"},
+}
+EXCEPTIONS = {
+    "superclip_pl": "the package's face: imports each public name on first use",
+    "superclip_pl.__main__": "python -m superclip_pl is the command line",
+    # SuperCLIP.from_open_clip imports the open_clip reader inside the method, where it is used
+    ("superclip_pl.model", "superclip_pl.interop.importer"): "imported inside from_open_clip",
+}
+
+
+def test_each_wing_imports_only_the_layers_below_or_beside_it():
+    wrong = sorted(
+        (m, i)
+        for m in MODULES
+        if m not in EXCEPTIONS
+        for i in GRAPH[m]
+        if wing(i) not in MAY_IMPORT[wing(m)] and (m, i) not in EXCEPTIONS
+    )
+    assert wrong == []
+    # the one upward import is inside a function, never at module level
+    tree = ast.parse(MODULES["superclip_pl.model"].read_text())
+    top = [n for n in tree.body if isinstance(n, ast.ImportFrom) and "interop" in (n.module or "")]
+    assert top == []
+
+
+def test_the_top_level_holds_the_method_and_the_face():
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert top == [
+        "__init__.py",
+        "__main__.py",
+        "demo.py",
+        "errors.py",
+        "head_file.py",
+        "losses.py",
+        "model.py",
+        "presets.py",
+        "tokenizer.py",
+        "transforms.py",
+    ]
+    assert sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__") == [
+        "cli",
+        "data",
+        "eval",
+        "interop",
+        "shapes",
+        "train",
+    ]
