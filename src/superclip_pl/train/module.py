@@ -13,22 +13,12 @@ from superclip_pl.losses import DocumentFrequency, classification_loss, contrast
 from superclip_pl.model import PRESETS, SuperCLIP
 from superclip_pl.tokenizer import load_tokenizer
 from superclip_pl.train.accumulation import NegativesCache, cached_backward, forget_logged_step_values
+from superclip_pl.train.batches import batch_size, class_targets
 from superclip_pl.train.flops import training_step_flops
 from superclip_pl.train.optim import adamw_with_schedule, clamp_logit_scale, param_groups, warmup_cosine
 from superclip_pl.train.sharding import encoder_layers, shard
 
 __all__ = ["LitSuperCLIP", "batch_size", "class_targets", "param_groups", "warmup_cosine"]
-
-
-def batch_size(batch: dict[str, torch.Tensor]) -> int:
-    """Samples in a batch (for ``ThroughputMonitor(batch_size_fn=superclip_pl.batch_size)``)."""
-    return batch["input_ids"].shape[0]
-
-
-def class_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Token ids the classification targets come from: ``class_ids`` (captions cut at
-    ``class_max_length``) when the batch has them, else the text tower's ``input_ids``."""
-    return batch.get("class_ids", batch["input_ids"])
 
 
 class LitSuperCLIP(LightningModule):
