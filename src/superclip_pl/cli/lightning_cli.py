@@ -1,10 +1,10 @@
 """``SuperCLIPCLI``: the LightningCLI behind ``superclip fit|validate|test``.
 
-Besides LightningCLI's parsing it links the data module and the model, checks what can be checked
-before anything is built (the data module's sizes, paths and tokenizer, the checkpoint), resumes into
-the run's own log directory (``--ckpt_path last``: its newest ``last.ckpt``), stops on SIGTERM / SIGINT
-with a checkpoint, writes checkpoints atomically, names the checkpoint's step in validate / test, and after each run
-writes ``metrics.json`` (and ``results.md`` / ``.csv``) into the log directory.
+Besides LightningCLI's parsing it links the data module and the model, checks what can be checked before
+anything is built (the data module's sizes, paths and tokenizer, the checkpoint), resumes into the run's
+own log directory (``--ckpt_path last``: its newest ``last.ckpt``), stops on SIGTERM / SIGINT with a
+checkpoint, writes checkpoints atomically, names the checkpoint's step in validate / test, and after each
+run writes ``metrics.json`` (and ``results.md`` / ``.csv``) into the log directory.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """``superclip fit|validate|test|export|import``: the console entry point.
 
-Dispatches before anything heavy is imported (``superclip --help`` and ``superclip export --help``
-never import Lightning), and turns errors into exit statuses: 0 success, 1 a failed run, 2 a usage or
+Dispatches before anything heavy is imported (``superclip --help`` and ``superclip export --help`` never
+import Lightning), and turns errors into exit statuses: 0 success, 1 a failed run, 2 a usage or
 configuration error, 128 + the signal number for a run stopped by SIGTERM (143) or SIGINT (130) with
-``last.ckpt`` written (``superclip_pl.train.signals``). A user error (a bad config value, path, column or checkpoint) prints one line on
-stderr, naming the key, the value and what to do; ``SUPERCLIP_TRACEBACK=1`` shows its traceback too.
-Programming errors keep theirs.
+``last.ckpt`` written (``superclip_pl.train.signals``). A user error (a bad config value, path, column or
+checkpoint) prints one line on stderr, naming the key, the value and what to do; ``SUPERCLIP_TRACEBACK=1``
+shows its traceback too. Programming errors keep theirs.
 """
 
 from __future__ import annotations
