@@ -38,8 +38,8 @@ WHAT = {
 MORE = (
     " The data module's own options: superclip {0} --data.help superclip_pl.ImageTextDataModule;"
     " a data source's fields: path, data_files, split, name, weight, config_name, data_dir, revision,"
-    " image_column, text_column (README, Configs). Every value of a config: superclip {0} --config"
-    " FILE --print_config."
+    " image_column, text_column, storage_options (README, Configs). Every value of a config:"
+    " superclip {0} --config FILE --print_config."
 )
 
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from superclip_pl.eval.evaluation import SetEvaluation
 from superclip_pl.eval.results import write_results
@@ -18,16 +22,24 @@ class RunEnd:
         """Write the run's final metrics as one flat JSON object to ``<log_dir>/metrics.json``; those
         of ``earlier`` that the last loop did not log again (training metrics) are kept."""
         trainer = self.trainer
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast: every rank asks
+        where = str(trainer.log_dir or trainer.default_root_dir)  # a broadcast: every rank asks
         if not trainer.is_global_zero:
             return
         values = {**(earlier or {}), **trainer.callback_metrics}
         metrics = {k: float(v) for k, v in sorted(values.items()) if v.numel() == 1}
-        log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        print(f"metrics written to {log_dir / 'metrics.json'}")
-        for path in write_results(log_dir, [c for c in trainer.callbacks if isinstance(c, SetEvaluation)]):
-            print(f"results written to {path}")
+        fs, _ = fsspec.core.url_to_fs(where)
+        remote = not isinstance(fs, LocalFileSystem)  # a log directory in object storage: written here, put
+        with tempfile.TemporaryDirectory() as staging:
+            log_dir = Path(staging if remote else where)
+            log_dir.mkdir(parents=True, exist_ok=True)
+            (log_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            evaluations = [c for c in trainer.callbacks if isinstance(c, SetEvaluation)]
+            written = [log_dir / "metrics.json", *write_results(log_dir, evaluations)]
+            for path in written:
+                if remote:
+                    fs.put_file(str(path), f"{where.rstrip('/')}/{path.name}")
+                shown = f"{where.rstrip('/')}/{path.name}" if remote else path
+                print(f"{'metrics' if path.name == 'metrics.json' else 'results'} written to {shown}")
 
     def _stale_evaluation(self) -> int | None:
         """The step of the last evaluation during fit when it is not the final step (a validation
@@ -51,7 +63,8 @@ class RunEnd:
             path = getattr(callback, "last_model_path", "")
             if not (callback.save_last and path):
                 continue
-            if trainer.is_global_zero and os.path.islink(path):  # save_last="link": a file of its own now
+            # save_last="link": a file of its own now
+            if trainer.is_global_zero and "://" not in path and os.path.islink(path):
                 os.unlink(path)
             trainer.strategy.barrier()
             trainer.save_checkpoint(path)
