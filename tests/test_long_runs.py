@@ -3,6 +3,7 @@ each followed by the identical `superclip fit ... --ckpt_path last`, end with th
 sample keys and global RNG draws of a run that was never stopped (the installed console script, as a
 scheduler runs it)."""
 
+import importlib
 import os
 import random
 import re
@@ -192,3 +193,26 @@ def test_two_gloo_ranks_stopped_by_sigterm_resume_exactly(tmp_path, tokenizer_di
     done = subprocess.run(command, env=environment(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_run(out, full, ranks=2)
+
+
+def test_lightnings_own_sigterm_exit_is_not_a_success(monkeypatch, capsys):
+    """Outside training (setup, validate, test) Lightning's handler ends a run with its SIGTERMException,
+    a SystemExit without a code, which would be status 0: it is 143."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    cli_main = importlib.import_module("superclip_pl.cli.main")  # the module (`cli.main` is the function)
+
+    def stopped(argv, from_sys_argv):
+        raise SIGTERMException()
+
+    monkeypatch.setattr(cli_main, "_dispatch", stopped)
+    assert cli_main.main(["validate", "--config", "x.yaml"]) == 143
+    assert capsys.readouterr().err == "superclip validate: stopped by SIGTERM\n"
+
+
+def test_the_resume_command_replaces_any_ckpt_path():
+    from superclip_pl.cli.main import resume_command
+
+    argv = ["fit", "--config", "a b.yaml", "--ckpt_path", "x.ckpt", "--trainer.max_steps=9"]
+    assert resume_command(argv) == "superclip fit --config 'a b.yaml' --trainer.max_steps=9 --ckpt_path last"
+    assert resume_command(["fit", "--ckpt_path=last"]) == "superclip fit --ckpt_path last"

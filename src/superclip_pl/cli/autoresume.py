@@ -64,6 +64,13 @@ def last_patterns(trainer: dict) -> list[str]:
     return []  # another logger: its layout is its own
 
 
+def _modified(fs, path: str) -> float:
+    try:
+        return fs.modified(path).timestamp()
+    except (OSError, NotImplementedError, ValueError):  # an object store's "directory" has no date
+        return 0.0
+
+
 def find_last(trainer: dict) -> tuple[str | None, list[str]]:
     """(the newest ``last.ckpt`` of the run or None, the patterns searched)."""
     patterns, found = last_patterns(trainer), {}
@@ -72,8 +79,8 @@ def find_last(trainer: dict) -> tuple[str | None, list[str]]:
         protocol = pattern.split("://")[0] + "://" if "://" in pattern else ""
         for path in fs.glob(pattern) if any(c in pattern for c in "*?[") else [pattern]:
             path = path if protocol == "" or path.startswith(protocol) else protocol + path
-            if fs.isfile(path):
-                found[path] = fs.modified(path).timestamp()
+            if fs.exists(path):  # a file, or the directory a sharded (FSDP2) checkpoint is
+                found[path] = _modified(fs, path)
     return (max(found, key=found.get) if found else None), patterns
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
 
 from superclip_pl.errors import BadDataStop, DivergedStop, SignalStop, UserError
@@ -87,6 +88,9 @@ def main(args: list[str] | None = None) -> int:
     try:
         _dispatch(argv, args is None)
     except SystemExit as exit_:  # argparse / jsonargparse: --help (0) or a usage error (2, already printed)
+        if type(exit_).__name__ == "SIGTERMException":  # Lightning's, outside training (setup, evaluation)
+            print(f"{prog}: stopped by SIGTERM", file=sys.stderr)
+            return 128 + signal.SIGTERM
         code = exit_.code
         return code if isinstance(code, int) else (EXIT_OK if code is None else EXIT_USAGE)
     except KeyboardInterrupt:
