@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from shards import write_shards
-from superclip_pl.cli.checks import check_ckpt_path, resume_version
+from superclip_pl.cli.autoresume import resume_version
+from superclip_pl.cli.checks import check_ckpt_path
 from superclip_pl.data import DataSource, ImageTextDataModule
 from superclip_pl.data.checks import check_numbers, check_sources, check_tokenizer
 from superclip_pl.errors import UserError

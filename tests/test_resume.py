@@ -60,6 +60,9 @@ def test_resume_continues_exactly_where_the_state_was_taken(bad_shards, tokenize
         after = take(second, 20 - k)
         assert keys_of(before + after) == keys_of(full)  # same samples, same order: none repeated or lost
         assert skips_of(before + after) == skips_of(full)
+        # and the same random crops: drawn from the stream's seeded RNG, not a worker's global one
+        pixels = [b["pixel_values"] for b in before + after]
+        assert all(torch.equal(a, b["pixel_values"]) for a, b in zip(pixels, full, strict=True))
 
 
 def test_resume_is_exact_across_an_unreadable_parquet_file(tmp_path, tokenizer_dir):
@@ -274,7 +277,42 @@ def test_too_many_bad_samples_warn_early_then_stop_with_a_checkpoint(
     path = re.search(r"saved to (\S+\.ckpt)", str(stop.value)).group(1)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     assert 0 < ckpt["global_step"] < 20 and f"step={ckpt['global_step']}" in path
-    assert ckpt["state_dict"] and ckpt["ImageTextDataModule"]["ranks"][0]["seen"] >= 12
+    saved = ckpt["ImageTextDataModule"]["ranks"][0]  # the counts of the batches trained (3 samples each)
+    assert ckpt["state_dict"] and saved["seen"] == 3 * ckpt["global_step"] + sum(saved["skipped"].values())
+
+
+@pytest.mark.slow
+def test_the_batch_in_flight_at_a_bad_data_stop_is_trained_after_the_resume(
+    tmp_path, bad_shards, good_shards, tokenizer_dir, monkeypatch
+):
+    """The stop happens while a batch is handed to the model: the checkpoint neither counts it as read
+    nor skips it, so the resumed run trains exactly the batches the run without a limit trains."""
+    full, _ = fit(
+        tmp_path / "full",
+        data(bad_shards[0], tokenizer_dir, num_workers=0, val=wds(good_shards[0])),
+        max_steps=8,
+    )
+    monkeypatch.setattr(data_module, "MIN_SAMPLES_FOR_SKIP_CHECK", 12)
+    strict = data(bad_shards[0], tokenizer_dir, max_skip_fraction=0.1, num_workers=0, val=wds(good_shards[0]))
+    keys, logger = KeysSeen(), Captured()
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=8, logger=logger, callbacks=[keys], enable_progress_bar=False,
+        enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path / "stopped",
+    )  # fmt: skip
+    with pytest.raises(BadDataStop, match=r"saved to (\S+\.ckpt)") as stop:
+        trainer.fit(TinyModel(), datamodule=strict)
+    path = re.search(r"saved to (\S+\.ckpt)", str(stop.value)).group(1)
+    saved = torch.load(path, weights_only=True)["ImageTextDataModule"]["ranks"][0]
+    assert saved["seen"] == len(keys.keys) + sum(
+        saved["skipped"].values()
+    )  # the batch in flight: not counted
+    rest, _ = fit(
+        tmp_path / "resumed",
+        data(bad_shards[0], tokenizer_dir, num_workers=0, val=wds(good_shards[0])),
+        8,
+        ckpt_path=path,
+    )
+    assert 0 < len(keys.keys) < len(full) and keys.keys + rest == full
 
 
 @pytest.mark.slow

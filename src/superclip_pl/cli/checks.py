@@ -1,10 +1,8 @@
 """What ``superclip fit|validate|test`` checks on the parsed config before building anything: the data
 module's sizes, paths and tokenizer, and ``--ckpt_path`` (a missing or corrupt checkpoint is one line,
-never torch's advice to load it unsafely); and the log directory a resumed run continues in."""
+never torch's advice to load it unsafely)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from superclip_pl.data.checks import check_numbers, check_sources, check_tokenizer
 from superclip_pl.errors import UserError
@@ -50,20 +48,3 @@ def check_ckpt_path(ckpt_path: str) -> int | None:
         ) from None
     step = rest.get("global_step")
     return int(step) if isinstance(step, int) else None
-
-
-def resume_version(logger, ckpt_path: str) -> str | None:
-    """The TensorBoard version directory ``ckpt_path`` sits in (``<save_dir>/<name>/<version>/
-    checkpoints/x.ckpt``) when the run's logger writes to ``<save_dir>/<name>`` and names no version:
-    a resumed fit then logs into the run it continues. None otherwise (a new version is made)."""
-    logger = _plain(logger)
-    if not isinstance(logger, dict) or not str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
-        return None
-    init = logger.get("init_args") or {}
-    if init.get("version") is not None or init.get("save_dir") is None:
-        return None
-    ckpt = Path(ckpt_path).resolve()
-    run_dir = Path(init["save_dir"]).resolve() / (init.get("name") or "lightning_logs")
-    if ckpt.parent.name != "checkpoints" or ckpt.parent.parent.parent != run_dir:
-        return None
-    return ckpt.parent.parent.name

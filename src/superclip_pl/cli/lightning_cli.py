@@ -1,28 +1,32 @@
 """``SuperCLIPCLI``: the LightningCLI behind ``superclip fit|validate|test``.
 
-Besides LightningCLI's parsing it links the data module and the model, checks what can be checked
-before anything is built (the data module's sizes, paths and tokenizer, the checkpoint), resumes into
-the run's own log directory, names the checkpoint's step in validate / test, and after each run
-writes ``metrics.json`` (and ``results.md`` / ``.csv``) into the log directory.
+Besides LightningCLI's parsing it links the data module and the model, checks what can be checked before
+anything is built (the data module's sizes, paths and tokenizer, the checkpoint), resumes into the run's
+own log directory (``--ckpt_path last``: its newest ``last.ckpt``), stops on SIGTERM / SIGINT with a
+checkpoint, writes checkpoints atomically, names the checkpoint's step in validate / test, and after each
+run writes ``metrics.json`` (and ``results.md`` / ``.csv``) into the log directory.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 from lightning.pytorch.callbacks import BasePredictionWriter, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from superclip_pl.cli.checks import check_ckpt_path, check_data, resume_version
+from superclip_pl.cli.autoresume import find_last, resume_version
+from superclip_pl.cli.checks import check_ckpt_path, check_data
 from superclip_pl.cli.run_end import RunEnd
 from superclip_pl.cli.sources import whole_sources
 from superclip_pl.data import ImageTextDataModule
+from superclip_pl.errors import UserError
 from superclip_pl.eval.embeddings import EmbeddingWriter
+from superclip_pl.train.checkpoint_io import use_atomic_checkpoints
 from superclip_pl.train.module import LitSuperCLIP
 from superclip_pl.train.progress import StepProgressBar
 from superclip_pl.train.resume import Resume
+from superclip_pl.train.signals import GracefulStop
 
 DESCRIPTION = "Train and evaluate SuperCLIP models (CLIP + vocabulary classifier)."
 WHAT = {
@@ -36,8 +40,8 @@ WHAT = {
 MORE = (
     " The data module's own options: superclip {0} --data.help superclip_pl.ImageTextDataModule;"
     " a data source's fields: path, data_files, split, name, weight, config_name, data_dir, revision,"
-    " image_column, text_column, separator (README, Configs). Every value of a config: superclip {0} --config"
-    " FILE --print_config."
+    " image_column, text_column, separator, storage_options (README, Configs). Every value of a config:"
+    " superclip {0} --config FILE --print_config."
 )
 
 
@@ -79,6 +83,8 @@ class SuperCLIPCLI(RunEnd, LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the checkpoint's hyperparameters with torch.load first: check it before
         subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("ckpt_path") == "last":
+            self.config[subcommand].ckpt_path = _last(self.config[subcommand].trainer, subcommand)
         if subcommand and (ckpt_path := self.config[subcommand].get("ckpt_path")):
             self.checkpoint_step = check_ckpt_path(ckpt_path)
         super()._parse_ckpt_path()
@@ -107,7 +113,8 @@ class SuperCLIPCLI(RunEnd, LightningCLI):
         if ckpt_path is None:
             return
         if self.subcommand == "fit" and (version := resume_version(config.trainer.get("logger"), ckpt_path)):
-            print(f"resuming step {self.checkpoint_step} of {Path(ckpt_path).parent.parent}: logging into it")
+            run = os.path.dirname(os.path.dirname(str(ckpt_path)))
+            print(f"resuming step {self.checkpoint_step} of {run}: logging into it")
             config.trainer.logger.init_args.version = version
 
     def instantiate_trainer(self, **kwargs):
@@ -115,7 +122,8 @@ class SuperCLIPCLI(RunEnd, LightningCLI):
         configured = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
         configured = list(configured) if isinstance(configured, list) else [configured]
         trainer = super().instantiate_trainer(**kwargs)
-        trainer.callbacks.append(Resume())
+        trainer.callbacks += [Resume(), GracefulStop()]
+        use_atomic_checkpoints(trainer)
         # Lightning's own bar (none configured) -> the one that counts steps against max_steps
         for i, callback in enumerate(trainer.callbacks):
             if type(callback) is RichProgressBar and not any(callback is c for c in configured):
@@ -141,6 +149,19 @@ class SuperCLIPCLI(RunEnd, LightningCLI):
     def before_predict(self) -> None:
         if not any(isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
             self.trainer.callbacks.append(EmbeddingWriter())
+
+
+def _last(trainer, subcommand: str) -> str | None:
+    """``--ckpt_path last``: the newest ``last.ckpt`` of the run's log directory; None (a fresh fit, said
+    in one line) when there is none, an error for the commands that evaluate a checkpoint."""
+    path, searched = find_last(trainer)
+    if path is None and subcommand != "fit":
+        raise UserError(f"ckpt_path=last: no checkpoint in {', '.join(searched)}; give a checkpoint path")
+    if path is None:
+        print(
+            f"--ckpt_path last: nothing to resume in {', '.join(searched) or 'this run'}; starting a new run"
+        )
+    return path
 
 
 def _clip_length(max_length: int | None) -> int:

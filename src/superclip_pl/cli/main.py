@@ -1,18 +1,21 @@
 """``superclip fit|validate|test|export|import``: the console entry point.
 
-Dispatches before anything heavy is imported (``superclip --help`` and ``superclip export --help``
-never import Lightning), and turns errors into exit statuses: 0 success, 1 a failed run, 2 a usage or
-configuration error. A user error (a bad config value, path, column or checkpoint) prints one line on
-stderr, naming the key, the value and what to do; ``SUPERCLIP_TRACEBACK=1`` shows its traceback too.
-Programming errors keep theirs.
+Dispatches before anything heavy is imported (``superclip --help`` and ``superclip export --help`` never
+import Lightning), and turns errors into exit statuses: 0 success, 1 a failed run, 2 a usage or
+configuration error, 128 + the signal number for a run stopped by SIGTERM (143) or SIGINT (130) with
+``last.ckpt`` written (``superclip_pl.train.signals``). A user error (a bad config value, path, column or
+checkpoint) prints one line on stderr, naming the key, the value and what to do; ``SUPERCLIP_TRACEBACK=1``
+shows its traceback too. Programming errors keep theirs.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
+import signal
 import sys
 
-from superclip_pl.errors import BadDataStop, UserError
+from superclip_pl.errors import BadDataStop, DivergedStop, SignalStop, UserError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 COMMANDS = {
@@ -36,7 +39,8 @@ HELP = "\n".join(
         "",
         "`superclip COMMAND --help` lists a command's options; `superclip fit --data.help",
         "superclip_pl.ImageTextDataModule` those of the data module. Exit status: 0 success, 1 failed run,",
-        "2 usage or configuration error (SUPERCLIP_TRACEBACK=1 shows the traceback of an error).",
+        "2 usage or configuration error, 143 / 130 stopped by SIGTERM / SIGINT with last.ckpt written",
+        "(SUPERCLIP_TRACEBACK=1 shows the traceback of an error).",
     ]
 )
 
@@ -97,20 +101,40 @@ def main(args: list[str] | None = None) -> int:
     try:
         _dispatch(argv, args is None)
     except SystemExit as exit_:  # argparse / jsonargparse: --help (0) or a usage error (2, already printed)
+        if type(exit_).__name__ == "SIGTERMException":  # Lightning's, outside training (setup, evaluation)
+            print(f"{prog}: stopped by SIGTERM", file=sys.stderr)
+            return 128 + signal.SIGTERM
         code = exit_.code
         return code if isinstance(code, int) else (EXIT_OK if code is None else EXIT_USAGE)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except (BadDataStop, UserError, ValueError, OSError) as err:
+    except SignalStop as stop:  # SIGTERM / SIGINT: stopped at a step's end with last.ckpt written
+        if not stop.quiet:
+            print(f"{prog}: {stop}; resume with: {resume_command(argv)}", file=sys.stderr)
+        return 128 + stop.signum
+    except (BadDataStop, DivergedStop, UserError, ValueError, OSError) as err:
         # bad values, paths, columns, checkpoints: the message names the key and the fix
         if os.environ.get("SUPERCLIP_TRACEBACK") == "1":
             raise
         print(f"{prog}: error: {_first_line(err)}", file=sys.stderr)
-        return EXIT_FAILED if isinstance(err, BadDataStop) else EXIT_USAGE
+        return EXIT_FAILED if isinstance(err, BadDataStop | DivergedStop) else EXIT_USAGE
     finally:
         _close_process_group()
     return EXIT_OK
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues a stopped run: this one, with ``--ckpt_path last``."""
+    args, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--ckpt_path":
+            skip = True
+        elif not arg.startswith("--ckpt_path="):
+            args.append(arg)
+    return shlex.join(["superclip", *args, "--ckpt_path", "last"])
 
 
 def _close_process_group() -> None:

@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from superclip_pl.eval.evaluation import SetEvaluation
 from superclip_pl.eval.results import write_results
@@ -23,16 +27,25 @@ class RunEnd:
         of ``earlier`` that the last loop did not log again (training metrics) are kept. Returns where
         they are, for the closing line (None on ranks other than 0)."""
         trainer = self.trainer
-        log_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast: every rank asks
+        where = str(trainer.log_dir or trainer.default_root_dir)  # a broadcast: every rank asks
         if not trainer.is_global_zero:
             return None
         values = {**(earlier or {}), **trainer.callback_metrics}
         metrics = {k: float(v) for k, v in sorted(values.items()) if v.numel() == 1}
-        log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        tables = write_results(log_dir, [c for c in trainer.callbacks if isinstance(c, SetEvaluation)])
+        fs, _ = fsspec.core.url_to_fs(where)
+        remote = not isinstance(fs, LocalFileSystem)  # a log directory in object storage: written here, put
+        with tempfile.TemporaryDirectory() as staging:
+            log_dir = Path(staging if remote else where)
+            log_dir.mkdir(parents=True, exist_ok=True)
+            (log_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            evaluations = [c for c in trainer.callbacks if isinstance(c, SetEvaluation)]
+            tables = write_results(log_dir, evaluations)
+            if remote:
+                for path in [log_dir / "metrics.json", *tables]:
+                    fs.put_file(str(path), f"{where.rstrip('/')}/{path.name}")
+        shown = f"{where.rstrip('/')}/metrics.json" if remote else str(Path(where) / "metrics.json")
         beside = f" ({', '.join(p.name for p in tables)} beside it)" if tables else ""
-        return f"metrics {log_dir / 'metrics.json'}{beside}"
+        return f"metrics {shown}{beside}"
 
     def _elapsed(self) -> str:
         seconds = round(time.monotonic() - self.started) if self.started is not None else 0
@@ -64,7 +77,8 @@ class RunEnd:
             path = getattr(callback, "last_model_path", "")
             if not (callback.save_last and path):
                 continue
-            if trainer.is_global_zero and os.path.islink(path):  # save_last="link": a file of its own now
+            # save_last="link": a file of its own now
+            if trainer.is_global_zero and "://" not in path and os.path.islink(path):
                 os.unlink(path)
             trainer.strategy.barrier()
             trainer.save_checkpoint(path)

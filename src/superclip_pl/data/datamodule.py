@@ -205,18 +205,20 @@ class ImageTextDataModule(L.LightningDataModule):
         role = "train" if trainer is not None and trainer.training else "val"
         if trainer is not None and (trainer.testing or trainer.predicting):
             role = "test" if trainer.testing else "predict"
+        # counts and position before this batch: what a bad-data stop saves (the batch is not trained)
+        before = (self.skips.train_state(), self.source_counts.state()) if role == "train" else None
         self.skips.add(role, len(batch["keys"]), skipped)
         counts = batch.pop("counts", {})
         if role == "train":
             self.source_counts.add(counts)
-            if self._train_loader is not None:
-                self._train_loader.mark_consumed()  # this batch is about to be trained on
             last_step = 0 < trainer.max_steps <= trainer.global_step + 1
             # every step until the stop could be judged (the same on every rank: the sync is a collective)
             early = trainer.global_step * self.batch_size_per_device * trainer.world_size
             early = early < MIN_SAMPLES_FOR_SKIP_CHECK
             if trainer.global_step % max(trainer.log_every_n_steps, 1) == 0 or last_step or early:
-                self._sync_and_check()
+                self._sync_and_check(before)
+            if self._train_loader is not None:
+                self._train_loader.mark_consumed()  # this batch is about to be trained on
         return batch
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
@@ -227,7 +229,7 @@ class ImageTextDataModule(L.LightningDataModule):
             batch["pixel_values"] = normalize(pixels)
         return batch
 
-    def _sync_and_check(self) -> None:
+    def _sync_and_check(self, before: tuple[dict, dict]) -> None:
         """Sum the training counts over ranks, log them, warn early and stop (after saving a checkpoint)
         if too many samples were bad.
 
@@ -239,6 +241,8 @@ class ImageTextDataModule(L.LightningDataModule):
         seen, counts = self.skips.train_totals
         problem = skip_problem(seen, counts, self.max_skip_fraction)
         if problem and seen >= MIN_SAMPLES_FOR_SKIP_CHECK:
+            self.skips.load_train_state(before[0])
+            self.source_counts.load_state(before[1])
             self._stop(problem)
         if problem and seen >= WARN_AFTER_SAMPLES and not self._warned:
             self._warned = True

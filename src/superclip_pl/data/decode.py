@@ -151,7 +151,7 @@ class SampleDecoder:
         self.max_image_pixels, self.random_caption = max_image_pixels, random_caption
         self.opencv = opencv and bool(draft) and isinstance(transform, TrainTransform) and jpeg.available()
 
-    def _opencv_pixels(self, payload) -> torch.Tensor | None:
+    def _opencv_pixels(self, payload, generator: torch.Generator | None) -> torch.Tensor | None:
         """The training crop of a JPEG decoded by OpenCV, or None to decode it with PIL."""
         if not self.opencv or not isinstance(payload, bytes):
             return None
@@ -159,7 +159,7 @@ class SampleDecoder:
         if rgb is None:
             return None
         t = self.transform
-        box = t.crop_box(rgb.shape[1], rgb.shape[0])
+        box = t.crop_box(rgb.shape[1], rgb.shape[0], generator)
         pixels = torch.from_numpy(jpeg.crop_resize(rgb, box, t.image_size)).permute(2, 0, 1)
         return normalize(pixels, t.mean, t.std) if t.normalized else pixels
 
@@ -183,7 +183,9 @@ class SampleDecoder:
         return captions[min(int(u_caption * len(captions)), len(captions) - 1)], fallback
 
     def __call__(self, example: Mapping, choice: Sequence[float] = (0.0, 0.0)) -> dict | str:
-        """`choice`: two uniforms in [0, 1), drawing the caption column and the caption in it."""
+        """`choice`: two uniforms in [0, 1), drawing the caption column and the caption in it, and
+        optionally the seed of the random crop (without one a training crop draws from torch's global
+        RNG)."""
         if BAD_ROW in example:
             return "bad_row"
         text, fallback = self.caption(example, choice[0], choice[1])
@@ -196,13 +198,15 @@ class SampleDecoder:
             return "missing_image"
         if payload is None:
             return "missing_image"
-        pixel_values = self._opencv_pixels(payload)
+        random_crop = isinstance(self.transform, TrainTransform) and len(choice) > 2
+        generator = torch.Generator().manual_seed(int(choice[2])) if random_crop else None
+        pixel_values = self._opencv_pixels(payload, generator)
         if pixel_values is None:
             image = open_image(payload, self.max_image_pixels, self.draft)
             if isinstance(image, str):
                 return image
             try:
-                pixel_values = self.transform(image)
+                pixel_values = self.transform(image, generator) if random_crop else self.transform(image)
             except Exception:  # e.g. a mode PIL cannot convert to RGB
                 return "corrupt_image"
         return {

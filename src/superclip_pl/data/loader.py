@@ -16,13 +16,25 @@ from __future__ import annotations
 
 import copy
 import logging
+import signal
 import warnings
 from collections import deque
 from collections.abc import Iterator
+from functools import partial
 
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 log = logging.getLogger(__name__)
+
+
+def _worker_init(user_init, worker_id: int) -> None:
+    """Workers ignore SIGTERM and SIGINT: schedulers signal every process of a job (and Ctrl-C the
+    terminal's whole process group), and a worker ended by it would fail the main process before it
+    saves its checkpoint (``superclip_pl.train.signals``); the main process ends its workers itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if user_init is not None:
+        user_init(worker_id)
 
 
 class StreamLoader(StatefulDataLoader):
@@ -38,6 +50,7 @@ class StreamLoader(StatefulDataLoader):
     def __init__(
         self, *args, rank: int = 0, world_size: int = 1, track_consumed: bool = False, **kwargs
     ) -> None:
+        kwargs["worker_init_fn"] = partial(_worker_init, kwargs.get("worker_init_fn"))
         with warnings.catch_warnings():  # torchdata 0.11 calls an API that torch 2.13 deprecates: noise
             warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
             super().__init__(*args, **kwargs)

@@ -14,8 +14,10 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from itertools import islice
+from typing import Any
 
 import datasets
+from braceexpand import braceexpand
 from datasets.download import DownloadConfig
 
 from superclip_pl.data import csvfiles, tars
@@ -29,8 +31,10 @@ class DataSource:
     Args:
         path: `load_dataset` path: a hub id ("pixparse/cc3m-wds"), a builder ("webdataset", "parquet",
             "csv", "imagefolder") used with `data_files`, or a local directory.
-        data_files: files or glob patterns, e.g. "data/shapes/train/*.tar"; a dict maps splits to them.
-            A CSV's relative image paths are read relative to the CSV file's directory.
+        data_files: files or glob patterns, e.g. "data/shapes/train/*.tar" or "s3://bucket/shards/*.tar";
+            a dict maps splits to them. Brace ranges and lists ("shard-{00000..41455}.tar") and `::`
+            between several patterns are expanded as open_clip and webdataset expand them. A CSV's
+            relative image paths are read relative to the CSV file's directory.
         split: split to read.
         name: the source's name in logs (`data/samples_read/<name>`) and messages.
         weight: share of the training samples drawn from this source when `data.train` lists several
@@ -47,6 +51,9 @@ class DataSource:
             found among txt, caption, text, captions, title if unset.
         separator: the column separator of CSV files, one character (or tab, comma); unset: a tab
             for .tsv / .tab files, else a comma (open_clip's --csv-separator defaults to a tab).
+        storage_options: fsspec options of remote `data_files` (s3://, gs://, https://), e.g.
+            {endpoint_url: http://minio:9000, anon: true} or {profile: research}; passed to HF's file
+            resolution and to the tar reader (`pip install "superclip-pl[s3]"` / `[gcs]` for the protocols).
     """
 
     path: str
@@ -60,6 +67,7 @@ class DataSource:
     image_column: str | list[str] | None = None
     text_column: str | dict[str, float] | None = None
     separator: str | None = None
+    storage_options: dict[str, Any] | None = None
 
     def describe(self) -> str:
         """`path=..., data_files=..., split=...`: the fields that are set, for messages."""
@@ -83,6 +91,30 @@ class OpenedSource:
     check: Callable[[tuple[str, ...]], None] = lambda images: None
 
 
+def expand_data_files(files):
+    """`data_files` with brace patterns and `::` lists expanded (a str becomes a list when it expands
+    to several); dicts (split -> files) are expanded per split."""
+    if isinstance(files, dict):
+        return {split: expand_data_files(v) for split, v in files.items()}
+    if files is None:
+        return None
+    patterns = [files] if isinstance(files, str) else list(files)
+    out = [f for p in patterns for part in str(p).split("::") for f in braceexpand(part)]
+    return out[0] if isinstance(files, str) and len(out) == 1 else out
+
+
+def _explicit_remote_shards(source: DataSource) -> list[str] | None:
+    """The tar URLs of a webdataset source that lists remote shards by name (no glob): read as given,
+    without asking the store about each of them (open_clip's shard lists name tens of thousands)."""
+    files = expand_data_files(source.data_files)
+    files = [files] if isinstance(files, str) else files
+    if source.path != "webdataset" or not isinstance(files, list) or not files:
+        return None
+    if any("://" not in f or any(c in f for c in "*?[") for f in files):
+        return None
+    return files
+
+
 def missing_local_patterns(source: DataSource) -> list[str]:
     """Local `data_files` patterns that match no file (hub and remote patterns are not checked)."""
     if "/" in source.path and not os.path.exists(source.path):
@@ -90,7 +122,7 @@ def missing_local_patterns(source: DataSource) -> list[str]:
     base = source.path if os.path.isdir(source.path) else ""
     if source.data_dir:
         base = os.path.join(base, source.data_dir)
-    patterns = source.data_files
+    patterns = expand_data_files(source.data_files)
     if isinstance(patterns, dict):
         patterns = [p for v in patterns.values() for p in ([v] if isinstance(v, str) else v)]
     elif isinstance(patterns, str):
@@ -107,12 +139,19 @@ def open_source(source: DataSource, role: str = "train") -> OpenedSource:
     if missing := missing_local_patterns(source):
         raise ValueError(f"data.{role}.data_files: {missing[0]!r} matches no file ({source.describe()})")
     try:
+        if (urls := _explicit_remote_shards(source)) is not None:
+            config = DownloadConfig(storage_options=dict(source.storage_options or {}))
+            first = tars.first_samples(urls, config)
+            return OpenedSource(
+                first, True, len(urls), lambda columns, parts=1: tars.tar_dataset(urls, columns.all, config)
+            )
         builder = datasets.load_dataset_builder(
             source.path,
             name=source.config_name,
             data_dir=source.data_dir,
-            data_files=source.data_files,
+            data_files=expand_data_files(source.data_files),
             revision=source.revision,
+            storage_options=source.storage_options,
         )
         config = DownloadConfig(token=builder.token, storage_options=builder.storage_options)
         if (urls := tars.webdataset_files(builder, source.split)) is not None:

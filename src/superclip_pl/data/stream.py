@@ -9,7 +9,8 @@ Layers, inside each DataLoader worker:
    exact and small: the HF state where the block started plus how many of it were handed out. A
    resume re-reads at most one block of raw bytes (no decoding) and continues with the very next
    sample. The shard order changes every epoch (HF reshuffles shards from the epoch number).
-3. Decoding, with skipped samples counted per reason and attached to the next good sample.
+3. Decoding, with skipped samples counted per reason and attached to the next good sample. Every
+   random draw of a sample (caption, crop) comes from the block's seeded RNG, none from a global one.
 
 Training streams are infinite: a worker starts its next epoch when its shards run out, so the
 trainer's `max_steps` decides the length and no rank ever runs out of batches before another.
@@ -148,8 +149,9 @@ class ImageTextStream(torch.utils.data.IterableDataset):
     def load_state_dict(self, state: dict) -> None:
         self._start, self._position = copy.deepcopy(state), copy.deepcopy(state)
 
-    def _raw(self, epoch: int, start: dict, worker: int) -> Iterator[tuple[dict | str, list[float]]]:
-        """(raw example or skip marker, caption choice) for the rest of `epoch` from `start`,
+    def _raw(self, epoch: int, start: dict, worker: int) -> Iterator[tuple[dict | str, list]]:
+        """(raw example or skip marker, [caption column and caption uniforms, crop seed]) for the rest
+        of `epoch` from `start`,
         updating `self._position` before each item is handed out."""
         reader = ShardReader(self.hf, epoch, start["start"])
         examples = iter(reader)
@@ -163,12 +165,16 @@ class ImageTextStream(torch.utils.data.IterableDataset):
             rng = np.random.default_rng([self.seed, epoch, block, *self.rng_key, worker])
             order = rng.permutation(len(items)) if self.shuffle else np.arange(len(items))
             choices = rng.random((len(items), 2))  # per example: caption column, caption in it
+            # per example: the seed of its random crop, drawn here rather than from a worker's global RNG
+            # (reseeded from the main process at every DataLoader iterator), so that a resumed stream
+            # crops each sample exactly as the uninterrupted one did
+            crops = rng.integers(0, 2**63 - 1, size=len(items))
             for j in range(emitted, len(items)):
                 if j + 1 < len(items):
                     self._position = {"epoch": epoch, "block": block, "start": block_start, "emitted": j + 1}
                 else:
                     self._position = {"epoch": epoch, "block": block + 1, "start": block_end, "emitted": 0}
-                yield items[order[j]], choices[order[j]].tolist()
+                yield items[order[j]], [*choices[order[j]].tolist(), int(crops[order[j]])]
             block, emitted = block + 1, 0
 
     def _decoded(self, start: dict, worker: int) -> Iterator[dict | str]:

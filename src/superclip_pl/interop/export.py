@@ -35,8 +35,35 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DCP_META = "meta.pt"  # what Lightning's ModelParallelStrategy writes next to the shards (rank 0)
 
 
+def _read_remote(url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A ``.ckpt`` at an fsspec URL, read whole into memory (object stores cannot be memory-mapped)."""
+    import io
+
+    import fsspec
+
+    try:
+        with fsspec.open(url, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {url!r} does not exist") from None
+    except ImportError as err:  # the protocol's package (s3fs, gcsfs) is not installed
+        raise ValueError(f"cannot read {url!r}: {_first_line(err)}") from None
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"{url!r} is not a SuperCLIP checkpoint: torch.load cannot read it ({_first_line(err)})"
+        ) from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise ValueError(f"{url!r} is not a SuperCLIP checkpoint: it holds no Lightning state_dict")
+    return ckpt.pop("state_dict"), ckpt
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """``(state_dict, rest)`` of a Lightning ``.ckpt`` file or a distributed checkpoint directory."""
+    """``(state_dict, rest)`` of a Lightning ``.ckpt`` file (local or an fsspec URL: ``s3://...``) or a
+    distributed checkpoint directory."""
+    if "://" in str(path) and not str(path).startswith("file://"):
+        return _read_remote(str(path))
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")

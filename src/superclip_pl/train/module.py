@@ -13,22 +13,14 @@ from superclip_pl.losses import DocumentFrequency, classification_loss, contrast
 from superclip_pl.model import PRESETS, SuperCLIP
 from superclip_pl.tokenizer import load_tokenizer
 from superclip_pl.train.accumulation import NegativesCache, cached_backward, forget_logged_step_values
+from superclip_pl.train.batches import batch_size, class_targets
 from superclip_pl.train.flops import training_step_flops
+from superclip_pl.train.nonfinite import NonFiniteSteps
 from superclip_pl.train.optim import adamw_with_schedule, clamp_logit_scale, param_groups, warmup_cosine
+from superclip_pl.train.rng import RngState
 from superclip_pl.train.sharding import encoder_layers, shard
 
 __all__ = ["LitSuperCLIP", "batch_size", "class_targets", "param_groups", "warmup_cosine"]
-
-
-def batch_size(batch: dict[str, torch.Tensor]) -> int:
-    """Samples in a batch (for ``ThroughputMonitor(batch_size_fn=superclip_pl.batch_size)``)."""
-    return batch["input_ids"].shape[0]
-
-
-def class_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Token ids the classification targets come from: ``class_ids`` (captions cut at
-    ``class_max_length``) when the batch has them, else the text tower's ``input_ids``."""
-    return batch.get("class_ids", batch["input_ids"])
 
 
 class LitSuperCLIP(LightningModule):
@@ -61,6 +53,8 @@ class LitSuperCLIP(LightningModule):
             ranks (the batch the step trains with is K x devices x ``data.batch_size``), with the
             activation memory of one micro-batch (gradient caching, see ``superclip_pl.train.accumulation``).
             False: Lightning's accumulation, a loss per micro-batch (negatives: one micro-batch).
+        max_nonfinite_steps: optimizer steps in a row with a non-finite loss or gradients that are skipped
+            (no update; ``train/nonfinite_steps``); one more stops the run, exit 1 (``train/nonfinite.py``).
     """
 
     def __init__(
@@ -82,6 +76,7 @@ class LitSuperCLIP(LightningModule):
         gradient_checkpointing: bool = False,
         compile: bool = False,
         accumulated_negatives: bool = True,
+        max_nonfinite_steps: int = 5,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -174,6 +169,10 @@ class LitSuperCLIP(LightningModule):
                     "bf16-mixed or 32-true (16-mixed scales the gradients the clip would see); or set "
                     "model.accumulated_negatives false"
                 )
+
+    def configure_callbacks(self) -> list:
+        # in any fit (CLI or Python): non-finite steps skipped, global RNGs saved with each checkpoint
+        return [NonFiniteSteps(self.hparams.max_nonfinite_steps), RngState()]
 
     def teardown(self, stage: str) -> None:
         self._cache.clear()

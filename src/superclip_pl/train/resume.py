@@ -5,6 +5,8 @@
 - Lightning's progress bars count the epoch's batches from its start, so their total is the epoch's too
   (Lightning gives it the steps left: 16/8 after a resume at step 8 of 16); ``StepProgressBar``, the
   CLI's default, counts steps itself.
+- A resume that changes the optimisation mode (accumulation with negatives across it <-> without)
+  keeps the step count (``continue_step_count``).
 - When ``max_steps`` differs from the checkpoint's run, one line says what happens to the learning-rate
   schedule, and training starts at the new schedule's rate (not at the rate the old one had reached,
   0 at the end of a cosine, for one step before a jump).
@@ -16,6 +18,22 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
 from superclip_pl.train.progress import StepProgressBar
+
+
+def continue_step_count(trainer: Trainer, automatic: bool) -> None:
+    """Lightning counts optimizer steps in one of two loops, automatic or manual optimisation, and
+    restores both from a checkpoint; a run resumed in the other mode (``accumulate_grad_batches`` 1 <->
+    K with negatives across accumulation, or ``model.accumulated_negatives`` toggled) would start again
+    at step 0 and train ``max_steps`` more. The loop in use continues from the steps done in either."""
+    loop = trainer.fit_loop.epoch_loop
+    counters = [
+        loop.automatic_optimization.optim_progress.optimizer.step.total,
+        loop.manual_optimization.optim_step_progress.total,
+    ]
+    done = max(c.completed for c in counters)
+    mine = counters[0 if automatic else 1]
+    if mine.completed < done:
+        mine.ready = mine.completed = done
 
 
 class Resume(Callback):
@@ -65,6 +83,7 @@ class Resume(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._first_batch = True
+        continue_step_count(trainer, pl_module.automatic_optimization)
         resumed = trainer.fit_loop.epoch_loop.batch_progress.current.ready > 0
         self._fix_bar = resumed and trainer.max_epochs == -1 and trainer.max_steps > 0
         before, now = self._saved_max_steps, trainer.max_steps
