@@ -6,14 +6,14 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import ThroughputMonitor
 
 from superclip_pl.head_file import read_extras
 from superclip_pl.losses import DocumentFrequency, classification_loss, contrastive_loss, siglip_loss
 from superclip_pl.model import PRESETS, SuperCLIP
 from superclip_pl.tokenizer import load_tokenizer
 from superclip_pl.train.accumulation import NegativesCache, cached_backward, forget_logged_step_values
-from superclip_pl.train.flops import training_step_flops
+from superclip_pl.train.evaluation_steps import EvaluationSteps
+from superclip_pl.train.flops import count_flops
 from superclip_pl.train.optim import adamw_with_schedule, clamp_logit_scale, param_groups, warmup_cosine
 from superclip_pl.train.sharding import encoder_layers, shard
 
@@ -31,7 +31,7 @@ def class_targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return batch.get("class_ids", batch["input_ids"])
 
 
-class LitSuperCLIP(LightningModule):
+class LitSuperCLIP(EvaluationSteps, LightningModule):
     """SuperCLIP training: contrastive loss + ``class_loss_weight`` x vocabulary classification loss.
 
     Args:
@@ -179,20 +179,9 @@ class LitSuperCLIP(LightningModule):
         self._cache.clear()
 
     def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        # Lightning's ThroughputMonitor reads `flops_per_batch` to log FLOP/s (and MFU where it knows the
-        # device's peak); counted on the meta device once per batch shape, and only when it is asked for.
-        # The FLOPs are this device's: Throughput multiplies them by the world size for the global
-        # `flops_per_sec` and keeps them as they are for `device/flops_per_sec` and `device/mfu`. Model
-        # FLOPs: with negatives across accumulation each micro-batch is encoded twice, but counted once.
         if not self.automatic_optimization:
             forget_logged_step_values(self.trainer)
-        if not any(isinstance(c, ThroughputMonitor) for c in self.trainer.callbacks):
-            return
-        shape = tuple(batch["input_ids"].shape)
-        if getattr(self, "_flops_shape", None) != shape:
-            head = self.model.head is not None
-            self.flops_per_batch = training_step_flops(self.model.config, head, *shape)
-            self._flops_shape = shape
+        count_flops(self, batch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         if self.doc_freq is not None:  # weights over the run so far, the current global batch included
@@ -246,40 +235,12 @@ class LitSuperCLIP(LightningModule):
         super().optimizer_step(*args, **kwargs)  # Lightning's (automatic) step, then the reference's clamp
         clamp_logit_scale(self.model.clip.logit_scale)
 
-    def _evaluation_step(self, batch: dict[str, torch.Tensor] | None, stage: str) -> None:
-        # a data module without a val/test source yields one empty batch, so that the loop (and the
-        # evaluation callbacks at its end) still runs
-        if not batch:
-            return
-        # A local loss: each rank's batch against itself, with no collective. The finite validation
-        # streams are not in lockstep (a rank may have one batch more, or a smaller last one), so any
-        # gather here would hang or crash; the logged values are averaged over all ranks' samples once,
-        # at the epoch's end. With R ranks the contrastive loss is that of batches of `data.batch_size`
-        # (as on one device), not of R x `data.batch_size`.
-        terms = self.compute_losses(batch, gather=False)
-        size = batch["input_ids"].shape[0]
-        for name in ("loss", "contrastive_loss", "class_loss"):
-            if name in terms:
-                self.log(f"{stage}/{name}", terms[name], sync_dist=True, batch_size=size)
-
-    def validation_step(self, batch: dict[str, torch.Tensor] | None, batch_idx: int) -> None:
-        self._evaluation_step(batch, "val")
-
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
             self.validated_at = self.global_step
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.saved_at = self.global_step
-
-    def test_step(self, batch: dict[str, torch.Tensor] | None, batch_idx: int) -> None:
-        self._evaluation_step(batch, "test")
-
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """``superclip predict``: the batch's keys and L2-normalised image and caption embeddings."""
-        image = self.model.encode_image(batch["pixel_values"])
-        text = self.model.encode_text(batch["input_ids"], batch.get("attention_mask"))
-        return {"keys": batch["keys"], "image_embeds": image, "text_embeds": text}
 
     # -- optimisation, sharding (ModelParallelStrategy: FSDP2 on any device) and compilation -------
     def configure_optimizers(self):
