@@ -103,3 +103,23 @@ def test_a_weighted_contrastive_loss_scales_its_term(tokenizer_dir, batch):
         terms = module.compute_losses(batch, gather=False)
     expected = 0.25 * terms["contrastive_loss"] + terms["class_loss"]
     torch.testing.assert_close(terms["loss"], expected)
+
+
+@pytest.mark.slow
+def test_locked_towers_under_ddp_and_fsdp2_with_negatives_across_accumulation(tmp_path, tokenizer_dir):
+    """2 ranks x 4 micro-batches (DDP, FSDP2) against one batch of 16 on one process, towers locked:
+    the locked parameters get no gradient anywhere, the others the gradients of the whole batch."""
+    from test_accumulation import run
+
+    (whole,) = run(tokenizer_dir, tmp_path / "whole", "whole", "contrastive", options="locked")
+    locked = {n for n, g in whole["grads"].items() if g is None}
+    assert locked and any(n.startswith("model.clip.vision_model.encoder.layers.0.") for n in locked)
+    top = max(g.abs().max().item() for g in whole["grads"].values() if g is not None)
+    for mode in ("ddp", "fsdp2"):
+        for state in run(tokenizer_dir, tmp_path / mode, mode, "contrastive", options="locked"):
+            assert state["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+            assert {n for n, g in state["grads"].items() if g is None} == locked, mode
+            for name, grad in whole["grads"].items():
+                if grad is not None:
+                    got, where = state["grads"][name].reshape(grad.shape), lambda m, n=name: f"{n}: {m}"
+                    torch.testing.assert_close(got, grad, rtol=1e-5, atol=1e-6 * top, msg=where)
