@@ -22,6 +22,7 @@ from superclip_pl.eval.embeddings import EmbeddingWriter
 from superclip_pl.train.module import LitSuperCLIP
 from superclip_pl.train.resume import Resume
 
+SCHEDULE_KEYS = ("lr_schedule", "cooldown_steps", "cooldown_power")  # a resumed fit: the command's
 DESCRIPTION = "Train and evaluate SuperCLIP models (CLIP + vocabulary classifier)."
 WHAT = {
     "fit": "Train a model; --ckpt_path CKPT resumes a run (into its own log directory).",
@@ -79,7 +80,13 @@ class SuperCLIPCLI(RunEnd, LightningCLI):
         subcommand = self.config.get("subcommand")
         if subcommand and (ckpt_path := self.config[subcommand].get("ckpt_path")):
             self.checkpoint_step = check_ckpt_path(ckpt_path)
+        # the checkpoint's hyperparameters replace the command's; the schedule's stay the command's, so
+        # that a run resumed with a later max_steps can be cooled down (lr_schedule constant_cooldown)
+        model = self.config[subcommand].get("model") if subcommand == "fit" else None
+        asked = {k: model.get(k) for k in SCHEDULE_KEYS} if model is not None else {}
         super()._parse_ckpt_path()
+        for key, value in asked.items():
+            self.config[subcommand].model[key] = value
 
     def add_arguments_to_parser(self, parser) -> None:
         # one tokenizer and one caption length feed both the data pipeline and the model
