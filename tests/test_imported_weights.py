@@ -114,6 +114,7 @@ def imported_reference(tmp_path, *extra: str) -> tuple[str, object, object]:
 def test_pre_fix_pooling_is_the_reference_s_old_avg_pool(tmp_path):
     out, reference, decoder = imported_reference(tmp_path, "--head_pooling", "skip_first_patch")
     assert read_head_pooling(out) == "skip_first_patch"
+    assert SuperCLIP.from_pretrained(out).head_pooling == "skip_first_patch"  # what the directory records
     # --model.backbone DIR takes it from the directory
     module = LitSuperCLIP(tokenizer=out, backbone=out)
     assert module.model.head_pooling == module.hparams.head_pooling == "skip_first_patch"
@@ -125,7 +126,8 @@ def test_pre_fix_pooling_is_the_reference_s_old_avg_pool(tmp_path):
         old = decoder(tokens[:, 1:].mean(dim=1))
         new = decoder(tokens.mean(dim=1))
         ours = module.model.eval()(pixels, None)["vocab_logits"]
-        today = SuperCLIP.from_pretrained(out).eval()(pixels, None)["vocab_logits"]  # the default
+        fixed = SuperCLIP.from_pretrained(out, head_pooling="all_patches").eval()
+        today = fixed(pixels, None)["vocab_logits"]
     torch.testing.assert_close(ours, old, rtol=0, atol=1e-5)
     torch.testing.assert_close(today, new, rtol=0, atol=1e-5)
     assert (old - new).abs().max() > 1e-3

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPConfig, CLIPModel
 
-from superclip_pl.head_file import HEAD_POOLING, read_extras
+from superclip_pl.head_file import HEAD_POOLING, read_extras, read_head_pooling
 from superclip_pl.presets import PRESETS
 from superclip_pl.resolution import resize_image_tower
 
@@ -141,13 +141,13 @@ class SuperCLIP(nn.Module):
         overrides: dict | None = None,
         head: bool = True,
         siglip: bool = False,
-        head_pooling: str = "all_patches",
+        head_pooling: str | None = None,
     ) -> SuperCLIP:
         """A model from a preset name (fresh weights) or a pretrained HF CLIP (local dir or hub id); a
         pretrained one at another ``image_size`` gets its position embeddings resampled to it."""
         if backbone in PRESETS:
             config = clip_config(backbone, tokenizer, image_size, overrides)
-            model = cls(config, head=head, siglip=siglip, head_pooling=head_pooling)
+            model = cls(config, head=head, siglip=siglip, head_pooling=head_pooling or "all_patches")
         else:
             model = cls.from_pretrained(backbone, head=head, siglip=siglip, head_pooling=head_pooling)
             if image_size is not None and image_size != model.image_size:
@@ -160,10 +160,11 @@ class SuperCLIP(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str, head: bool = True, siglip: bool = False, head_pooling: str = "all_patches"
+        cls, name_or_path: str, head: bool = True, siglip: bool = False, head_pooling: str | None = None
     ) -> SuperCLIP:
         """Start from a pretrained HF ``CLIPModel`` (hub id or local dir); the head is the directory's
-        ``superclip_head.safetensors`` (``superclip import`` of a SuperCLIP checkpoint) or fresh."""
+        ``superclip_head.safetensors`` (``superclip import`` of a SuperCLIP checkpoint) or fresh, pooled as
+        ``head_pooling`` or, when None, as that file records (else ``all_patches``)."""
         try:
             # float32 master weights whatever the saved dtype (autocast handles bf16); HF returns the
             # model in eval mode, and fine-tuning wants dropout etc. as configured
@@ -174,6 +175,7 @@ class SuperCLIP(nn.Module):
                 f"cannot load a CLIP model from {name_or_path!r} ({where}): {str(err).splitlines()[0]}; "
                 f"presets are {sorted(PRESETS)}"
             ) from None
+        head_pooling = head_pooling or read_head_pooling(name_or_path) or "all_patches"
         model = cls(clip.config, head=head, siglip=siglip, clip=clip, head_pooling=head_pooling)
         state = read_extras(name_or_path)[0] if head else None
         if state is not None:

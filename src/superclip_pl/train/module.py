@@ -7,7 +7,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule
 
-from superclip_pl.head_file import read_extras, read_head_pooling
+from superclip_pl.head_file import read_extras
 from superclip_pl.losses import DocumentFrequency, classification_loss, contrastive_loss, siglip_loss
 from superclip_pl.model import PRESETS, SuperCLIP
 from superclip_pl.tokenizer import load_tokenizer
@@ -135,9 +135,7 @@ class LitSuperCLIP(EvaluationSteps, LightningModule):
             overrides=backbone_config,
             head=class_loss_weight > 0,
             siglip=loss == "siglip",
-            head_pooling=head_pooling
-            or (backbone not in PRESETS and read_head_pooling(backbone))
-            or "all_patches",
+            head_pooling=head_pooling,
         )
         self.hparams.head_pooling = self.model.head_pooling  # resolved: what export records
         lock_towers(self.model, self.hparams)
