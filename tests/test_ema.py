@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from conftest import MICRO, quiet_trainer
 from superclip_pl.cli.main import main
+from superclip_pl.eval.evaluation import averaged_weights
 from superclip_pl.train.ema import EMA
 from superclip_pl.train.module import LitSuperCLIP
 
@@ -30,6 +31,16 @@ class Record(Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module):
         self.validated.append(trainable(pl_module))
+
+
+class StepEvaluation(Callback):
+    """What an evaluation during training (``every_n_steps``) sees at step 2, and the weights after it."""
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if trainer.global_step == 2:
+            with averaged_weights(trainer, pl_module, in_training=True):
+                self.inside = trainable(pl_module)
+            self.after = trainable(pl_module)
 
 
 def trainable(module) -> dict[str, torch.Tensor]:
@@ -55,13 +66,17 @@ def test_the_average_after_k_steps_is_the_closed_form_and_evaluations_see_it(tok
     frozen = {n: p.detach().clone() for n, p in lit.named_parameters() if not p.requires_grad}
     # the recorder before EMA: Lightning's EMAWeightAveraging would have swapped back when it evaluates
     validation = dict(val_check_interval=4, limit_val_batches=1, num_sanity_val_steps=0)
-    trainer = quiet_trainer(max_steps=4, callbacks=[record, ema], **validation)
+    during = StepEvaluation()
+    trainer = quiet_trainer(max_steps=4, callbacks=[record, ema, during], **validation)
     trainer.fit(lit, DataLoader([batch] * 4, batch_size=None), DataLoader([batch], batch_size=None))
     expected = closed_form(record.steps, DECAY)
     assert len(record.steps) == 4 and ema.updates == 4
     for n, value in expected.items():
         torch.testing.assert_close(record.validated[0][n], value, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(trainable(lit)[n], value, rtol=1e-6, atol=1e-7)  # after fit: the average
+    for n, value in closed_form(record.steps[:2], DECAY).items():
+        torch.testing.assert_close(during.inside[n], value, rtol=1e-6, atol=1e-7)
+        assert torch.equal(during.after[n], record.steps[1][n])  # and the raw weights back after it
     assert set(ema.names) == set(expected)  # the locked text tower is not copied
     for n, p in lit.named_parameters():
         if n in frozen:
