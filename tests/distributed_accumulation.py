@@ -8,7 +8,8 @@ MODE: ``whole`` (one process, one batch of 16), ``micro`` (one process, 4 micro-
 micro-batches of 2), ``ddp_whole`` (2 processes x one batch of 8); ``throughput``: 6 steps on 2
 processes with Lightning's ThroughputMonitor, logged to OUT_DIR/metrics.csv. LOSS: contrastive or
 siglip. NEGATIVES: 1 (default) or 0 (``accumulated_negatives=False``). OPTIONS: ``checkpointing``
-(gradient checkpointing) and / or ``bf16`` (bf16-mixed precision), comma-separated.
+(gradient checkpointing), ``bf16`` (bf16-mixed precision) and / or ``locked`` (locked towers),
+comma-separated.
 """
 
 import os
@@ -35,6 +36,9 @@ SIZES = {
     "fsdp2": [2] * 4,
     "ddp_whole": [8],
 }
+# OPTIONS `locked`: LiT-style, the image tower but its projection and last block, the text tower but
+# its projection
+LOCKED = dict(lock_image=True, lock_image_unlocked_layers=2, lock_text=True, lock_text_unlocked_layers=1)
 REDUCTIONS = []  # the gradient buckets DDP all-reduced (one entry per bucket and reduction)
 
 
@@ -116,6 +120,7 @@ def main(
         warmup_steps=0,
         accumulated_negatives=negatives,
         gradient_checkpointing="checkpointing" in options,
+        **(LOCKED if "locked" in options else {}),
     )
     strategy = "auto"
     if mode.startswith("ddp"):  # with the settings of the shipped DDP fragment

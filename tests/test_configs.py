@@ -13,7 +13,14 @@ from superclip_pl.cli.main import build_cli, main
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 # CLIP baselines are fragments: their SuperCLIP run's config plus the differences
 BASELINES = {"demo_clip.yaml": "demo.yaml", "vit_b16_datacomp_clip.yaml": "vit_b16_datacomp_superclip.yaml"}
-RUN_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if p.name not in BASELINES)
+# SuperClass's two stages: the demo's are fragments after demo.yaml; each LiT stage starts from the
+# directory its first stage was exported to (a stand-in here)
+SUPERCLASS = {
+    "demo_superclass.yaml": ("demo.yaml", None),
+    "demo_superclass_lit.yaml": ("demo.yaml", "stand-in"),
+    "vit_b16_datacomp_superclass_lit.yaml": (None, "stand-in"),
+}
+RUN_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if p.name not in set(BASELINES) | set(SUPERCLASS))
 FRAGMENTS = sorted((CONFIGS / "trainer").glob("*.yaml"))
 
 
@@ -191,3 +198,42 @@ def test_the_datacomp_suite_scores_each_set_as_datacomp_does(tokenizer_dir, tmp_
     for name, c in evaluations.items():
         assert c.main_metric == DATACOMP_NOT_TOP1.get(name, "top1"), name
         assert isinstance(c, ZeroShotRetrieval) == (name in ("flickr30k", "mscoco"))
+
+
+@pytest.mark.parametrize("stage", sorted(SUPERCLASS))
+def test_superclass_stages_instantiate_and_share_the_budget(
+    stage, tokenizer_dir, tokenizer, tmp_path, monkeypatch
+):
+    from transformers import CLIPConfig, CLIPModel
+
+    from conftest import MICRO
+
+    monkeypatch.chdir(tmp_path)
+    base, backbone = SUPERCLASS[stage]
+    configs = [CONFIGS / base, CONFIGS / stage] if base else [CONFIGS / stage]
+    args = [a for c in configs for a in ("--config", str(c))] + offline(configs[0], tokenizer_dir)
+    if backbone:  # a stand-in for the first stage's export: an HF CLIP of our tokenizer
+        ids = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id") for k in ("bos", "eos", "pad")}
+        text = {**MICRO["text_config"], "vocab_size": len(tokenizer), **ids}
+        config = CLIPConfig(**{**MICRO, "text_config": text})
+        CLIPModel(config).save_pretrained(tmp_path / "stage1")
+        args += ["--model.backbone", str(tmp_path / "stage1")]
+    model = build_cli(args, run=False).model
+    hp, raw = model.hparams, yaml.safe_load((CONFIGS / stage).read_text())
+    trainable = {n for n, p in model.model.clip.named_parameters() if p.requires_grad}
+    if backbone:  # LiT: the image tower locked but its projection, no head, the text tower trained
+        assert hp.lock_image and hp.lock_image_unlocked_layers == 1 and model.model.head is None
+        assert {n for n in trainable if "vision" in n or "visual" in n} == {"visual_projection.weight"}
+        assert "text_model.encoder.layers.0.mlp.fc1.weight" in trainable
+    else:  # the class-only stage: the image tower and the head
+        assert hp.contrastive_loss_weight == 0 and model.model.head is not None
+        assert not any(n.startswith("text_") for n in trainable)
+    if base:  # the demo's two stages share its budget: half each
+        demo = yaml.safe_load((CONFIGS / base).read_text())["trainer"]["max_steps"]
+        assert raw["trainer"]["max_steps"] * 2 == demo
+    else:  # the reference's LiT stage: 512M samples at 16384, lr 5e-4 like its class-only stage
+        first = yaml.safe_load((CONFIGS / "vit_b16_datacomp_superclass.yaml").read_text())
+        for cfg in (raw, first):
+            m, t = cfg["model"], cfg["trainer"]
+            assert (m["lr"], m["warmup_steps"], t["max_steps"]) == (5e-4, 500, 31250)
+            assert cfg["data"]["init_args"]["global_batch_size"] == 16384

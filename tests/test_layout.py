@@ -208,6 +208,7 @@ def test_the_top_level_holds_the_method_and_the_face():
         "losses.py",
         "model.py",
         "presets.py",
+        "resolution.py",
         "tokenizer.py",
         "transforms.py",
     ]

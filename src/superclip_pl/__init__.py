@@ -7,6 +7,7 @@ without importing Lightning and transformers.
 from importlib import import_module
 
 _WHERE = {
+    "EMA": "superclip_pl.train.ema",
     "EmbeddingWriter": "superclip_pl.eval.embeddings",
     "HeadPredictions": "superclip_pl.eval",
     "ImageTextDataModule": "superclip_pl.data",

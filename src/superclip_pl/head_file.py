@@ -13,6 +13,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 HEAD_FILE = "superclip_head.safetensors"  # head.{norm,proj}.{weight,bias}, doc_freq.{df,num_docs}
+# what the vocabulary head averages (the file's metadata records it): the index of the first token of the
+# tower's (B, 1 + P, W) output it takes; skip_first_patch is the reference before its commit bc640a6
+HEAD_POOLING = {"all_patches": 1, "skip_first_patch": 2}
 
 
 def locate(name_or_path: str, filename: str) -> Path | None:
@@ -45,3 +48,15 @@ def read_extras(name_or_path: str) -> tuple[dict[str, torch.Tensor] | None, dict
         ) from None
     part = lambda prefix: {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)} or None
     return part("head."), part("doc_freq.")
+
+
+def read_head_pooling(name_or_path: str) -> str | None:
+    """The head pooling a directory's ``superclip_head.safetensors`` records (``superclip import
+    --head_pooling``), None without one."""
+    from safetensors import safe_open
+
+    path = locate(name_or_path, HEAD_FILE)
+    if path is None:
+        return None
+    with safe_open(path, "pt") as f:
+        return (f.metadata() or {}).get("head_pooling")

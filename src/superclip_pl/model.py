@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPConfig, CLIPModel
 
-from superclip_pl.head_file import read_extras
+from superclip_pl.head_file import HEAD_POOLING, read_extras, read_head_pooling
 from superclip_pl.presets import PRESETS
+from superclip_pl.resolution import resize_image_tower
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -101,12 +102,23 @@ class SuperCLIP(nn.Module):
         config: the ``CLIPConfig`` of the two towers; the head predicts ``text_config.vocab_size`` classes.
         head: build the vocabulary head (``False`` gives plain CLIP: nothing is spent on it).
         siglip: add the learnable logit bias of the sigmoid loss and start the scale at log(10).
+        head_pooling: what the head averages: ``all_patches`` (every patch token, the reference since
+            its commit bc640a6) or ``skip_first_patch`` (patches 2..P, the reference before that commit,
+            which the released checkpoints were trained with).
     """
 
     def __init__(
-        self, config: CLIPConfig, head: bool = True, siglip: bool = False, clip: CLIPModel | None = None
+        self,
+        config: CLIPConfig,
+        head: bool = True,
+        siglip: bool = False,
+        clip: CLIPModel | None = None,
+        head_pooling: str = "all_patches",
     ):
         super().__init__()
+        if head_pooling not in HEAD_POOLING:
+            raise ValueError(f"head_pooling={head_pooling!r} is not one of {list(HEAD_POOLING)}")
+        self.head_pooling = head_pooling
         self.clip = clip if clip is not None else CLIPModel(config)
         self.config = self.clip.config
         width = self.config.vision_config.hidden_size
@@ -129,18 +141,17 @@ class SuperCLIP(nn.Module):
         overrides: dict | None = None,
         head: bool = True,
         siglip: bool = False,
+        head_pooling: str | None = None,
     ) -> SuperCLIP:
-        """A model from a preset name (fresh weights) or a pretrained HF CLIP (local dir or hub id)."""
+        """A model from a preset name (fresh weights) or a pretrained HF CLIP (local dir or hub id); a
+        pretrained one at another ``image_size`` gets its position embeddings resampled to it."""
         if backbone in PRESETS:
             config = clip_config(backbone, tokenizer, image_size, overrides)
-            model = cls(config, head=head, siglip=siglip)
+            model = cls(config, head=head, siglip=siglip, head_pooling=head_pooling or "all_patches")
         else:
-            model = cls.from_pretrained(backbone, head=head, siglip=siglip)
-            size = model.config.vision_config.image_size
-            if image_size is not None and image_size != size:
-                raise ValueError(
-                    f"{backbone!r} was trained at {size} px; image_size={image_size} does not fit it"
-                )
+            model = cls.from_pretrained(backbone, head=head, siglip=siglip, head_pooling=head_pooling)
+            if image_size is not None and image_size != model.image_size:
+                resize_image_tower(model.clip, image_size)
             if overrides:
                 raise ValueError("overrides apply to presets only; a pretrained model keeps its own config")
         if tokenizer is not None:
@@ -148,9 +159,12 @@ class SuperCLIP(nn.Module):
         return model
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, head: bool = True, siglip: bool = False) -> SuperCLIP:
+    def from_pretrained(
+        cls, name_or_path: str, head: bool = True, siglip: bool = False, head_pooling: str | None = None
+    ) -> SuperCLIP:
         """Start from a pretrained HF ``CLIPModel`` (hub id or local dir); the head is the directory's
-        ``superclip_head.safetensors`` (``superclip import`` of a SuperCLIP checkpoint) or fresh."""
+        ``superclip_head.safetensors`` (``superclip import`` of a SuperCLIP checkpoint) or fresh, pooled as
+        ``head_pooling`` or, when None, as that file records (else ``all_patches``)."""
         try:
             # float32 master weights whatever the saved dtype (autocast handles bf16); HF returns the
             # model in eval mode, and fine-tuning wants dropout etc. as configured
@@ -161,7 +175,8 @@ class SuperCLIP(nn.Module):
                 f"cannot load a CLIP model from {name_or_path!r} ({where}): {str(err).splitlines()[0]}; "
                 f"presets are {sorted(PRESETS)}"
             ) from None
-        model = cls(clip.config, head=head, siglip=siglip, clip=clip)
+        head_pooling = head_pooling or read_head_pooling(name_or_path) or "all_patches"
+        model = cls(clip.config, head=head, siglip=siglip, clip=clip, head_pooling=head_pooling)
         state = read_extras(name_or_path)[0] if head else None
         if state is not None:
             want = {k: tuple(v.shape) for k, v in model.head.state_dict().items()}
@@ -221,20 +236,27 @@ class SuperCLIP(nn.Module):
         return F.normalize(out.pooler_output, dim=-1)
 
     def forward(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | None]:
-        """Named outputs: ``image_embeds``, ``text_embeds`` (normalised), ``logit_scale``,
-        ``logit_bias`` (SigLIP only) and ``vocab_logits`` (B, V) (None without a head)."""
+        """Named outputs: ``image_embeds``, ``text_embeds`` (normalised; None when ``input_ids`` is None:
+        the text tower does not run), ``logit_scale``, ``logit_bias`` (SigLIP only) and ``vocab_logits``
+        (B, V) (None without a head)."""
         vision = self.clip.get_image_features(pixel_values=pixel_values)
-        text = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+        text = None
+        if input_ids is not None:
+            text = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
         vocab_logits = None
         if self.head is not None:
             # patch tokens only (CLS excluded), after the tower's final LayerNorm: (B, 1 + P, W) -> (B, W)
-            patches = self.clip.vision_model.post_layernorm(vision.last_hidden_state[:, 1:])
+            first = HEAD_POOLING[self.head_pooling]
+            patches = self.clip.vision_model.post_layernorm(vision.last_hidden_state[:, first:])
             vocab_logits = self.head(patches.mean(dim=1))
         return {
             "image_embeds": F.normalize(vision.pooler_output, dim=-1),
-            "text_embeds": F.normalize(text.pooler_output, dim=-1),
+            "text_embeds": None if text is None else F.normalize(text.pooler_output, dim=-1),
             "logit_scale": self.logit_scale(),
             "logit_bias": None if self.logit_bias is None else self.logit_bias.sum(),
             "vocab_logits": vocab_logits,

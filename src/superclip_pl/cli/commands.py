@@ -10,6 +10,8 @@ from pathlib import Path
 
 DTYPES = ("bfloat16", "float16", "float32")  # superclip_pl.interop.export.DTYPES
 FORMATS = ("hf", "open_clip")  # superclip_pl.interop.export.FORMATS
+WEIGHTS = ("averaged", "raw")  # superclip_pl.interop.export.WEIGHTS
+HEAD_POOLING = ("all_patches", "skip_first_patch")  # superclip_pl.model.HEAD_POOLING
 PAPER_BATCH = 16384  # superclip_pl.interop.importer.PAPER_BATCH (kept equal by a test)
 
 
@@ -53,6 +55,12 @@ def export_parser() -> argparse.ArgumentParser:
         default=None,
         help="open_clip format: global batch size the reference's cap_fq/num_samples are written at",
     )
+    parser.add_argument(
+        "--weights",
+        default="averaged",
+        choices=WEIGHTS,
+        help="a checkpoint of a run with the EMA callback: its averaged weights (default) or the raw ones",
+    )
     return parser
 
 
@@ -89,6 +97,14 @@ def import_parser() -> argparse.ArgumentParser:
         help=f"the run's global batch size, to turn cap_fq/num_samples into counts (default {PAPER_BATCH})",
     )
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    parser.add_argument(
+        "--head_pooling",
+        default=None,
+        choices=HEAD_POOLING,
+        help="what the head averages, recorded for fine-tuning: all_patches, or skip_first_patch (patches "
+        "2..P: the reference before its commit bc640a6, likely the released checkpoints'); default: what "
+        "the checkpoint's open_clip_config.json records, else all_patches",
+    )
     return parser
 
 
@@ -105,6 +121,7 @@ def run_export(argv: list[str]) -> Path:
         args.tokenizer,
         args.format,
         args.idf_batch_size,
+        args.weights,
     )
     print(f"exported {args.ckpt_path} to {out}")
     return out
@@ -123,6 +140,7 @@ def run_import(argv: list[str]) -> Path:
         args.tokenizer,
         args.idf_batch_size,
         args.overwrite,
+        args.head_pooling,
     )
     print(f"imported {args.ckpt_path} to {out}")
     return out

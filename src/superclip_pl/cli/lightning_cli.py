@@ -28,6 +28,7 @@ from superclip_pl.train.progress import StepProgressBar
 from superclip_pl.train.resume import Resume
 from superclip_pl.train.signals import GracefulStop
 
+SCHEDULE_KEYS = ("lr_schedule", "cooldown_steps", "cooldown_power")  # a resumed fit: the command's
 DESCRIPTION = "Train and evaluate SuperCLIP models (CLIP + vocabulary classifier)."
 WHAT = {
     "fit": "Train a model; --ckpt_path CKPT resumes a run (into its own log directory).",
@@ -87,7 +88,13 @@ class SuperCLIPCLI(RunEnd, LightningCLI):
             self.config[subcommand].ckpt_path = _last(self.config[subcommand].trainer, subcommand)
         if subcommand and (ckpt_path := self.config[subcommand].get("ckpt_path")):
             self.checkpoint_step = check_ckpt_path(ckpt_path)
+        # the checkpoint's hyperparameters replace the command's; the schedule's stay the command's, so
+        # that a run resumed with a later max_steps can be cooled down (lr_schedule constant_cooldown)
+        model = self.config[subcommand].get("model") if subcommand == "fit" else None
+        asked = {k: model.get(k) for k in SCHEDULE_KEYS} if model is not None else {}
         super()._parse_ckpt_path()
+        for key, value in asked.items():
+            self.config[subcommand].model[key] = value
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         """LightningCLI's, except that a whole data source given on the command line replaces the

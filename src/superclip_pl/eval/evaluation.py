@@ -15,6 +15,7 @@ these callbacks prints one table of all of them. Each callback names its set's m
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -25,12 +26,23 @@ from lightning.pytorch.trainer.states import TrainerFn
 from superclip_pl.eval.loop import Batch, inference, shard_batches
 
 
+def averaged_weights(trainer: Trainer, pl_module: LightningModule, in_training: bool):
+    """The weights an evaluation during training (``every_n_steps``) sees: the averaged ones of an
+    ``EMA`` callback (any callback with ``averaged_weights(pl_module)``), else the model's own. At the
+    end of a validation epoch the callback has already swapped them in."""
+    for callback in trainer.callbacks if in_training else []:
+        if hasattr(callback, "averaged_weights"):
+            return callback.averaged_weights(pl_module)
+    return contextlib.nullcontext()
+
+
 class SetEvaluation(Callback, ABC):
     """Scheduling, logging and printing shared by the evaluation callbacks."""
 
     prefix: str  # metric namespace: zeroshot, retrieval or linprobe
     task: str  # what results.md calls the evaluation, e.g. "zero-shot classification"
     _dummy_target: Any  # label or captions of the placeholder batch of a rank out of data
+    needs_text = True  # the evaluation embeds text: skipped for a model that trains none (SuperClass)
 
     def __init__(
         self,
@@ -66,6 +78,7 @@ class SetEvaluation(Callback, ABC):
         self._fresh = False  # results not printed yet
         self._last_step = 0  # optimizer step of the last step-driven evaluation
         self.evaluated_at: int | None = None  # optimizer step of the model behind ``results``
+        self.skipped = False  # a text evaluation of a model without a trained text tower
 
     # -- what a subclass provides -----------------------------------------------------------------
     # _load(rank=, world_size=): the evaluation set as that rank reads it; picklable (DataLoader workers)
@@ -90,6 +103,13 @@ class SetEvaluation(Callback, ABC):
             raise ValueError(
                 f"{len(twins)} {type(self).__name__} callbacks are named {self.name!r}; "
                 "give each set its own name (it is part of the metric names)"
+            )
+        hparams = getattr(pl_module, "hparams", {})
+        self.skipped = self.needs_text and hparams.get("contrastive_loss_weight", 1.0) == 0
+        if self.skipped and trainer.is_global_zero:
+            print(
+                f"{type(self).__name__}({self.name!r}) skipped: model.contrastive_loss_weight is 0 "
+                "(SuperClass: no text tower is trained; its LiT stage gives zero-shot); image-only ones run"
             )
 
     def on_train_batch_end(
@@ -117,7 +137,9 @@ class SetEvaluation(Callback, ABC):
 
     # -- running, logging, printing ---------------------------------------------------------------
     def _evaluate_and_log(self, trainer: Trainer, pl_module: LightningModule, in_training=False) -> None:
-        with inference(trainer, pl_module):
+        if self.skipped:
+            return
+        with inference(trainer, pl_module), averaged_weights(trainer, pl_module, in_training):
             values = self._evaluate(trainer, pl_module)
         self.results = {f"{self.prefix}/{self.name}/{k}": v for k, v in values.items()}
         self.evaluated_at = trainer.global_step

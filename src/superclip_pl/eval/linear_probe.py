@@ -58,6 +58,7 @@ class LinearProbe(SetEvaluation):
 
     prefix = "linprobe"
     task = "linear probe"
+    needs_text = False
     _dummy_target = 0
 
     def __init__(

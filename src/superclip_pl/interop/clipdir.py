@@ -45,10 +45,12 @@ def write_clip_dir(
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
     idf_batch_size: int | None = None,
+    head_pooling: str | None = None,
 ) -> Path:
     """Write the directory (``weights``: a ``CLIPModel`` state dict; ``head``: ``VocabularyHead`` state;
     ``doc_freq``: ``DocumentFrequency`` state; ``idf_batch_size``: the global batch the counts were read
-    at, kept for an export back to the reference's format); floating-point weights are saved as ``dtype``."""
+    at, kept for an export back to the reference's format; ``head_pooling``: what the head averages, read
+    by ``--model.backbone DIR``); floating-point weights are saved as ``dtype``."""
     out.mkdir(parents=True, exist_ok=True)
     cast = lambda ts: {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in ts.items()}
     save_file(cast(weights), out / "model.safetensors", metadata={"format": "pt"})
@@ -56,6 +58,7 @@ def write_clip_dir(
         extras = {f"head.{k}": v for k, v in cast(head or {}).items()}
         extras |= {f"doc_freq.{k}": v.contiguous() for k, v in (doc_freq or {}).items()}
         meta = {"format": "pt"} | ({"idf_batch_size": str(idf_batch_size)} if idf_batch_size else {})
+        meta |= {"head_pooling": head_pooling} if head_pooling else {}
         save_file(extras, out / HEAD_FILE, metadata=meta)
     config.dtype = dtype
     config.save_pretrained(out)

@@ -139,6 +139,8 @@ def rebuild_config(hparams: dict[str, Any], tokenizer) -> CLIPConfig:
                 f"the checkpoint was fine-tuned from {backbone!r}, whose config.json cannot be loaded "
                 f"({_first_line(err)}); make that directory or hub id available"
             ) from None
+        if hparams.get("image_size"):  # fine-tuned at another size: position embeddings resampled
+            config.vision_config.image_size = hparams["image_size"]
     # the tokenizer's special ids, so that the text tower pools at its end-of-text token
     config.text_config.bos_token_id = tokenizer.bos_token_id
     config.text_config.eos_token_id = tokenizer.eos_token_id
@@ -173,6 +175,8 @@ def clip_weights(state_dict: dict[str, torch.Tensor], config: CLIPConfig) -> dic
 
 
 FORMATS = ("hf", "open_clip")
+WEIGHTS = ("averaged", "raw")
+RAW_KEY = "current_model_state"  # the raw weights beside the averaged ones (superclip_pl.train.ema)
 
 
 def export_checkpoint(
@@ -183,6 +187,7 @@ def export_checkpoint(
     tokenizer: str | None = None,
     format: str = "hf",
     idf_batch_size: int | None = None,
+    weights: str = "averaged",
 ) -> Path:
     """Write the HF ``CLIPModel`` directory (or the open_clip files) of a SuperCLIP checkpoint.
 
@@ -196,18 +201,25 @@ def export_checkpoint(
         format: ``hf`` (transformers) or ``open_clip`` (``open_clip.create_model_and_transforms``).
         idf_batch_size: open_clip format: the global batch the reference's IDF buffers are written at
             (default: the one an imported directory was read at, else 16384).
+        weights: ``averaged`` (a run with the ``EMA`` callback: its average, the checkpoint's
+            ``state_dict``) or ``raw`` (the trained weights, ``current_model_state``); a run without
+            EMA has one set of weights, written either way.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
     if format not in FORMATS:
         raise ValueError(f"format={format!r} is not one of {list(FORMATS)}")
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r} is not one of {list(WEIGHTS)}")
     out = check_output_dir(output_dir, overwrite)
     if format == "open_clip" and (Path(ckpt_path) / "config.json").is_file():
         src = read_clip_dir(ckpt_path)
         batch = idf_batch_size or src["idf_batch_size"] or PAPER_BATCH
-        return write_open_clip(out, src["weights"], src["config"], src["tokenizer"], src["head"],
-                               src["doc_freq"], batch, DTYPES[dtype])  # fmt: skip
+        parts = [src[k] for k in ("weights", "config", "tokenizer", "head", "doc_freq")]
+        return write_open_clip(out, *parts, batch, DTYPES[dtype], head_pooling=src["head_pooling"])
     state_dict, rest = read_checkpoint(ckpt_path)
+    if weights == "raw" and isinstance(rest.get(RAW_KEY), dict):
+        state_dict = rest.pop(RAW_KEY)
     hparams = dict(rest.get("hyper_parameters") or {})
     if "tokenizer" not in hparams or not any(k.startswith(PREFIX) for k in state_dict):
         raise ValueError(
@@ -228,8 +240,9 @@ def export_checkpoint(
         counts = {k[len("doc_freq.") :]: v for k, v in state_dict.items() if k.startswith("doc_freq.")}
         bias = state_dict.get("model.logit_bias")  # SigLIP
         batch = idf_batch_size or PAPER_BATCH
+        pooling = hparams.get("head_pooling") or "all_patches"
         return write_open_clip(
-            out, weights, config, tok, head or None, counts or None, batch, DTYPES[dtype], bias
+            out, weights, config, tok, head or None, counts or None, batch, DTYPES[dtype], bias, pooling
         )
     card = model_card(Path(ckpt_path), hparams, rest, state_dict, config, dtype)
     return write_clip_dir(out, weights, config, tok, card, DTYPES[dtype])

@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import CLIPConfig
 
+from superclip_pl.head_file import HEAD_POOLING
 from superclip_pl.interop.clip_bpe import clip_bpe_tokenizer
 from superclip_pl.interop.clipdir import check_output_dir, write_clip_dir
 from superclip_pl.interop.openclip import (
@@ -63,6 +64,7 @@ class Imported:
     model_cfg: dict[str, Any] = field(default_factory=dict)
     preprocess_cfg: dict[str, Any] = field(default_factory=dict)
     idf_batch_size: int | None = None
+    head_pooling: str = "all_patches"  # what the head averages (superclip_pl.model.HEAD_POOLING)
 
 
 def _first_line(err: BaseException) -> str:
@@ -201,6 +203,7 @@ def read_open_clip(
         )
     out = Imported(config, weights, tok, source=ckpt_path, model_cfg=model_cfg)
     out.preprocess_cfg = written.get("preprocess_cfg") or {}
+    out.head_pooling = (written.get("superclip") or {}).get("head_pooling") or "all_patches"
     if any(k.startswith("text_decoder.") for k in state):
         out.head = head_to_ours(state, config.text_config.vocab_size, config.vision_config.hidden_size)
     if ("cap_fq" in state) != ("num_samples" in state) or ("cap_fq" in state and out.head is None):
@@ -222,6 +225,8 @@ def model_card(imp: Imported) -> str:
     if imp.doc_freq is not None:
         captions = int(imp.doc_freq["num_docs"])
         head += f" and its IDF counts ({captions:,} captions, global batch {imp.idf_batch_size})"
+    if imp.head is not None:
+        head += f"; the head averages the patch tokens as `{imp.head_pooling}`"
     lines = [
         f"# Imported from `{imp.source}`",
         "",
@@ -245,12 +250,18 @@ def import_checkpoint(
     tokenizer: str | None = None,
     idf_batch_size: int | None = None,
     overwrite: bool = False,
+    head_pooling: str | None = None,
 ) -> Path:
-    """Write the directory of an imported checkpoint; returns ``output_dir``."""
+    """Write the directory of an imported checkpoint; returns ``output_dir``. ``head_pooling`` (default:
+    what the checkpoint's config records, else ``all_patches``) is recorded for fine-tuning."""
+    if head_pooling not in (None, *HEAD_POOLING):
+        raise ValueError(f"head_pooling={head_pooling!r} is not one of {list(HEAD_POOLING)}")
     out = check_output_dir(output_dir, overwrite)
     imp = read_open_clip(ckpt_path, model_config, tokenizer, idf_batch_size)
+    imp.head_pooling = head_pooling or imp.head_pooling
     mean = imp.preprocess_cfg.get("mean", CLIP_MEAN)
     std = imp.preprocess_cfg.get("std", CLIP_STD)
     write_clip_dir(out, imp.weights, imp.config, imp.tokenizer, model_card(imp), head=imp.head,
-                   doc_freq=imp.doc_freq, mean=mean, std=std, idf_batch_size=imp.idf_batch_size)  # fmt: skip
+                   doc_freq=imp.doc_freq, mean=mean, std=std, idf_batch_size=imp.idf_batch_size,
+                   head_pooling=imp.head_pooling if imp.head is not None else None)  # fmt: skip
     return out

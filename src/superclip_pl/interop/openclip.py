@@ -164,10 +164,18 @@ def doc_freq_to_ours(
 
 
 def doc_freq_to_reference(
-    df: torch.Tensor, num_docs: torch.Tensor, batch_size: int
+    df: torch.Tensor, num_docs: torch.Tensor, batch_size: int, special_ids: tuple[int, ...] = ()
 ) -> dict[str, torch.Tensor]:
     """The reference's ``cap_fq`` (1, V) and ``num_samples`` (1, 1), float64, at global batch ``batch_size``
-    (any batch gives the same IDF: log((N/B + 1/B) / (df/B + 1/B)) = log((N + 1) / (df + 1)))."""
+    (any batch gives the same IDF: log((N/B + 1/B) / (df/B + 1/B)) = log((N + 1) / (df + 1))).
+
+    We never count special tokens; the reference counts every id of its padded token rows, so that
+    start and end of text, in every caption, and its padding id (0 for open_clip's tokenizer, in
+    nearly every caption of a 77-token context) get IDF weight 0 there. ``special_ids`` get those
+    counts (``df = N``): otherwise a run continued in the reference's trainer would give them the
+    largest weights of all (about 29% of the soft-target mass on a released checkpoint's counts)."""
+    df = df.clone()
+    df[list(special_ids)] = num_docs.to(df.dtype)
     return {
         "cap_fq": (df.double() / batch_size).reshape(1, -1),
         "num_samples": (num_docs.double() / batch_size).reshape(1, 1),

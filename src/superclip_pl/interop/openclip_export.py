@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig
 
-from superclip_pl.head_file import HEAD_FILE, read_extras
+from superclip_pl.head_file import HEAD_FILE, read_extras, read_head_pooling
 from superclip_pl.interop.clipdir import shareable
 from superclip_pl.interop.openclip import HEAD_KEYS, doc_freq_to_reference, expected_shapes, from_hf
 from superclip_pl.interop.openclip_config import from_clip_config
@@ -59,7 +59,8 @@ def read_clip_dir(path: str | Path) -> dict[str, Any]:
         with safe_open(path / HEAD_FILE, "pt") as f:
             batch = int((f.metadata() or {}).get("idf_batch_size", 0)) or None
     return {"weights": weights, "config": config, "tokenizer": load_tokenizer(str(path)), "head": head,
-            "doc_freq": doc_freq, "idf_batch_size": batch}  # fmt: skip
+            "doc_freq": doc_freq, "idf_batch_size": batch,
+            "head_pooling": read_head_pooling(str(path)) or "all_patches"}  # fmt: skip
 
 
 def write_open_clip(
@@ -72,14 +73,18 @@ def write_open_clip(
     idf_batch_size: int,
     dtype: torch.dtype = torch.float32,
     logit_bias: torch.Tensor | None = None,
+    head_pooling: str = "all_patches",
 ) -> Path:
     """Write ``open_clip_config.json``, ``open_clip_model.safetensors``, the tokenizer and, with a head,
     ``text_decoder.safetensors`` (the IDF buffers at global batch ``idf_batch_size``, float64 as in the
-    reference)."""
+    reference; the special tokens' counts as the reference keeps them) and the head's pooling."""
     model_cfg = from_clip_config(config)
+    pad = 0  # open_clip's own tokenizer pads with 0
     if (len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id) != CLIP_BPE_IDS:
         # not open_clip's default tokenizer: open_clip reads the HF tokenizer saved here (local-dir:)
         model_cfg["text_cfg"]["hf_tokenizer_name"] = str(getattr(tokenizer, "name_or_path", "") or ".")
+        pad = tokenizer.pad_token_id
+    specials = tuple({tokenizer.bos_token_id, tokenizer.eos_token_id, pad} - {None})
     cast = lambda ts: {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in ts.items()}
     tensors = from_hf(weights, config, "text.")
     tensors["logit_scale"] = tensors["logit_scale"].reshape(())
@@ -92,13 +97,14 @@ def write_open_clip(
     if head is not None:
         ref = cast({src: head[dst] for src, dst in HEAD_KEYS.items()})
         if doc_freq is not None:  # float64 whatever dtype, as the reference keeps them
-            ref |= doc_freq_to_reference(doc_freq["df"], doc_freq["num_docs"], idf_batch_size)
+            ref |= doc_freq_to_reference(doc_freq["df"], doc_freq["num_docs"], idf_batch_size, specials)
         save_file(ref, out / REFERENCE_HEAD_FILE, metadata={"format": "pt"})
         superclip = {
             "clstext_cfg": {"context_length": config.text_config.max_position_embeddings,
                             "vocab_size": config.text_config.vocab_size, "layers": 0, "mlp_ratio": 4},
             "head_file": REFERENCE_HEAD_FILE,
             "idf_batch_size": idf_batch_size,
+            "head_pooling": head_pooling,
         }  # fmt: skip
     size = config.vision_config.image_size
     preprocess = {"size": size, "mode": "RGB", "mean": list(CLIP_MEAN), "std": list(CLIP_STD),

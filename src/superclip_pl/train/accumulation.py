@@ -69,7 +69,7 @@ def cached_backward(module, cache: NegativesCache, targets, idf) -> dict[str, to
     con = module.contrastive_term(cached)
     leaves = [images, texts, scale] + ([bias] if bias is not None else [])
     # through the gather's backward: each rank's embeddings get the gradient of every rank's loss
-    grads = torch.autograd.grad(con, leaves)
+    grads = torch.autograd.grad(hp.contrastive_loss_weight * con, leaves)
     sizes = [x.shape[0] for x in cache.images]
     grad_images, grad_texts = grads[0].split(sizes), grads[1].split(sizes)
     total = images.shape[0]
@@ -91,10 +91,10 @@ def cached_backward(module, cache: NegativesCache, targets, idf) -> dict[str, to
                 class_loss += cls.detach()
                 surrogate = surrogate + hp.class_loss_weight * cls
             module.manual_backward(surrogate)
-    terms = {"contrastive_loss": con.detach(), "loss": con.detach()}
+    terms = {"contrastive_loss": con.detach(), "loss": hp.contrastive_loss_weight * con.detach()}
     if idf is not None:
         terms["class_loss"] = class_loss
-        terms["loss"] = con.detach() + hp.class_loss_weight * class_loss
+        terms["loss"] = terms["loss"] + hp.class_loss_weight * class_loss
     terms["logit_scale"] = cache.logit_scale
     return terms
 
@@ -107,3 +107,25 @@ def forget_logged_step_values(trainer) -> None:
     for metric in trainer._results.values():
         if metric.meta.fx == "training_step":
             metric._forward_cache = None
+
+
+def choose_optimisation(module) -> None:
+    """At the fit's ``setup``: manual optimisation for negatives across accumulation, else Lightning's.
+
+    Negatives across accumulation need every micro-batch of a step before any backward, which Lightning's
+    automatic accumulation (a loss and a backward per micro-batch) cannot give: the module then optimises
+    by hand. ``trainer.accumulate_grad_batches`` stays the user's knob (the data module, the step count and
+    the loggers read it); Lightning refuses it with manual optimisation only in its checks before
+    ``setup``, so the switch happens here. It stays so after the fit (Lightning reads the step count from
+    the loop of the mode in use). Without a contrastive loss (SuperClass) there are no negatives.
+    """
+    hp, trainer = module.hparams, module.trainer
+    negatives = hp.accumulated_negatives and hp.contrastive_loss_weight > 0
+    module.automatic_optimization = not (negatives and trainer.accumulate_grad_batches > 1)
+    clip, plugin = trainer.gradient_clip_val, trainer.precision_plugin
+    if not module.automatic_optimization and clip and getattr(plugin, "scaler", None) is not None:
+        raise ValueError(
+            f"trainer.gradient_clip_val={clip} with negatives across accumulation needs precision "
+            "bf16-mixed or 32-true (16-mixed scales the gradients the clip would see); or set "
+            "model.accumulated_negatives false"
+        )

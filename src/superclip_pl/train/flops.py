@@ -10,6 +10,7 @@ model FLOPs utilisation (MFU).
 from __future__ import annotations
 
 import torch
+from lightning.pytorch.callbacks import ThroughputMonitor
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPConfig
 
@@ -38,3 +39,19 @@ def training_step_flops(config: CLIPConfig, head: bool, batch_size: int, max_len
             loss = loss + classification_loss(out["vocab_logits"], ids, idf, [])
         loss.backward()
     return counter.get_total_flops()
+
+
+def count_flops(module, batch: dict[str, torch.Tensor]) -> None:
+    """Set ``module.flops_per_batch`` (a ``LitSuperCLIP``) for Lightning's ``ThroughputMonitor``, which
+    reads it to log FLOP/s (and MFU where it knows the device's peak); counted on the meta device once
+    per batch shape, and only when a ``ThroughputMonitor`` asks for it. The FLOPs are this device's:
+    Throughput multiplies them by the world size for the global ``flops_per_sec`` and keeps them as they
+    are for ``device/flops_per_sec`` and ``device/mfu``. Model FLOPs: with negatives across accumulation
+    each micro-batch is encoded twice, but counted once."""
+    if not any(isinstance(c, ThroughputMonitor) for c in module.trainer.callbacks):
+        return
+    shape = tuple(batch["input_ids"].shape)
+    if getattr(module, "_flops_shape", None) != shape:
+        head = module.model.head is not None
+        module.flops_per_batch = training_step_flops(module.model.config, head, *shape)
+        module._flops_shape = shape

@@ -6,24 +6,31 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import ThroughputMonitor
 
 from superclip_pl.head_file import read_extras
 from superclip_pl.losses import DocumentFrequency, classification_loss, contrastive_loss, siglip_loss
 from superclip_pl.model import PRESETS, SuperCLIP
 from superclip_pl.tokenizer import load_tokenizer
-from superclip_pl.train.accumulation import NegativesCache, cached_backward, forget_logged_step_values
+from superclip_pl.train.accumulation import (
+    NegativesCache,
+    cached_backward,
+    choose_optimisation,
+    forget_logged_step_values,
+)
 from superclip_pl.train.batches import batch_size, class_targets
-from superclip_pl.train.flops import training_step_flops
+from superclip_pl.train.evaluation_steps import EvaluationSteps
+from superclip_pl.train.flops import count_flops
 from superclip_pl.train.nonfinite import NonFiniteSteps
-from superclip_pl.train.optim import adamw_with_schedule, clamp_logit_scale, param_groups, warmup_cosine
+from superclip_pl.train.optim import clamp_logit_scale, configure_adamw, param_groups, warmup_cosine
 from superclip_pl.train.rng import RngState
+from superclip_pl.train.schedules import check_lr_settings
 from superclip_pl.train.sharding import encoder_layers, shard
+from superclip_pl.train.towers import lock_towers
 
 __all__ = ["LitSuperCLIP", "batch_size", "class_targets", "param_groups", "warmup_cosine"]
 
 
-class LitSuperCLIP(LightningModule):
+class LitSuperCLIP(EvaluationSteps, LightningModule):
     """SuperCLIP training: contrastive loss + ``class_loss_weight`` x vocabulary classification loss.
 
     Args:
@@ -33,19 +40,37 @@ class LitSuperCLIP(LightningModule):
             HF CLIP model (hub id or local directory) to fine-tune from.
         backbone_config: overrides of the preset's ``CLIPConfig`` fields, e.g.
             ``{vision_config: {num_hidden_layers: 2}}``.
-        image_size: input resolution; None keeps the backbone's (fed to ``data.image_size``).
+        image_size: input resolution; None keeps the backbone's (fed to ``data.image_size``). A pretrained
+            backbone at another size gets its position embeddings resampled (``superclip_pl.resolution``).
         max_length: caption length in tokens (linked from ``data.max_length``).
         class_max_length: tokens of the caption the classification targets (and document frequencies)
             come from; None: ``max_length`` (the reference). Longer detailed captions then feed the head
             in full while the text tower still sees ``max_length`` (linked to ``data.class_max_length``).
         class_loss_weight: weight of the classification loss; 0 trains plain CLIP (no head is built).
+        contrastive_loss_weight: weight of the contrastive loss; 0 trains SuperClass (the image tower with
+            the classification loss alone; the text tower does not run, zero-shot evaluations are skipped).
+        head_pooling: what the head averages: ``all_patches`` or ``skip_first_patch`` (the reference
+            before its fix, as the released checkpoints were trained); None: what the backbone directory
+            records (``superclip import --head_pooling``), else ``all_patches``.
+        lock_image: freeze the image tower (LiT): no gradient, no optimizer state, weights unchanged.
+        lock_image_unlocked_layers: with ``lock_image``, top groups left trainable, counted as open_clip
+            counts them: 1 the projection, 2 also the last block and the final LayerNorm, and so on.
+        lock_text: freeze the text tower.
+        lock_text_unlocked_layers: with ``lock_text``, top groups left trainable (as above).
+        image_layer_decay: layer-wise lr decay of the image tower: lr x decay ** depth (the projection 0,
+            the top block 1, ..., the embeddings deepest); None: none.
+        text_layer_decay: the same for the text tower.
         loss: ``contrastive`` (symmetric InfoNCE) or ``siglip`` (sigmoid loss with a learnable bias).
         lr: peak learning rate of AdamW.
         betas: AdamW betas.
         eps: AdamW epsilon.
         weight_decay: AdamW weight decay on weight matrices (none on biases, norms, logit scale).
-        warmup_steps: optimizer steps of linear warm-up before the cosine decay.
-        min_lr_ratio: final learning rate of the cosine, as a fraction of ``lr``.
+        warmup_steps: optimizer steps of linear warm-up before the schedule.
+        min_lr_ratio: final learning rate of the cosine (or the cool-down), as a fraction of ``lr``.
+        lr_schedule: ``cosine`` to ``max_steps``; ``constant`` (a run that can be extended); or
+            ``constant_cooldown``: constant, then down over the last ``cooldown_steps`` (open_clip's).
+        cooldown_steps: ``constant_cooldown``: optimizer steps of the cool-down at the end of ``max_steps``.
+        cooldown_power: ``constant_cooldown``: shape of the cool-down (1 linear, as open_clip's default).
         gradient_checkpointing: recompute encoder activations in the backward pass to save memory.
         compile: ``torch.compile`` each encoder layer (after sharding, under FSDP2).
         accumulated_negatives: with ``trainer.accumulate_grad_batches`` K > 1, compute the contrastive
@@ -66,6 +91,14 @@ class LitSuperCLIP(LightningModule):
         max_length: int = 77,
         class_max_length: int | None = None,
         class_loss_weight: float = 1.0,
+        contrastive_loss_weight: float = 1.0,
+        head_pooling: Literal["all_patches", "skip_first_patch"] | None = None,
+        lock_image: bool = False,
+        lock_image_unlocked_layers: int = 0,
+        lock_text: bool = False,
+        lock_text_unlocked_layers: int = 0,
+        image_layer_decay: float | None = None,
+        text_layer_decay: float | None = None,
         loss: Literal["contrastive", "siglip"] = "contrastive",
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.98),
@@ -73,6 +106,9 @@ class LitSuperCLIP(LightningModule):
         weight_decay: float = 0.2,
         warmup_steps: int = 500,
         min_lr_ratio: float = 0.0,
+        lr_schedule: Literal["cosine", "constant", "constant_cooldown"] = "cosine",
+        cooldown_steps: int | None = None,
+        cooldown_power: float = 1.0,
         gradient_checkpointing: bool = False,
         compile: bool = False,
         accumulated_negatives: bool = True,
@@ -80,8 +116,12 @@ class LitSuperCLIP(LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        if class_loss_weight < 0:
-            raise ValueError(f"class_loss_weight={class_loss_weight} must be >= 0 (0 trains plain CLIP)")
+        if class_loss_weight < 0 or contrastive_loss_weight < 0:
+            raise ValueError(
+                f"class_loss_weight={class_loss_weight}, contrastive_loss_weight={contrastive_loss_weight}: "
+                "both must be >= 0 (0 drops that loss)"
+            )
+        check_lr_settings(self.hparams)
         self.tokenizer = load_tokenizer(tokenizer)
         self.model = SuperCLIP.build(
             backbone,
@@ -90,7 +130,10 @@ class LitSuperCLIP(LightningModule):
             overrides=backbone_config,
             head=class_loss_weight > 0,
             siglip=loss == "siglip",
+            head_pooling=head_pooling,
         )
+        self.hparams.head_pooling = self.model.head_pooling  # resolved: what export records
+        lock_towers(self.model, self.hparams)
         if max_length > self.model.config.text_config.max_position_embeddings:
             raise ValueError(
                 f"max_length={max_length} exceeds the text tower's "
@@ -139,36 +182,28 @@ class LitSuperCLIP(LightningModule):
     def compute_losses(self, batch: dict[str, torch.Tensor], gather: bool = True) -> dict[str, torch.Tensor]:
         """Named loss terms of one batch, with the IDF weights as they stand; ``gather=False``: this
         rank's batch alone (no collective)."""
+        hp = self.hparams
+        if not hp.contrastive_loss_weight:  # SuperClass: the image tower and the head alone
+            out = self.model(batch["pixel_values"], None)
+            idf = self.doc_freq.idf()
+            cls = classification_loss(out["vocab_logits"], class_targets(batch), idf, self.ignore_ids)
+            return {"class_loss": cls, "loss": hp.class_loss_weight * cls}
         out = self._forward(batch)
         con = self.contrastive_term(out, gather)
-        terms = {"contrastive_loss": con, "loss": con}
+        terms = {"contrastive_loss": con, "loss": hp.contrastive_loss_weight * con}
         if self.doc_freq is not None:
             cls = classification_loss(
                 out["vocab_logits"], class_targets(batch), self.doc_freq.idf(), self.ignore_ids
             )
             terms["class_loss"] = cls
-            terms["loss"] = con + self.hparams.class_loss_weight * cls
+            terms["loss"] = terms["loss"] + hp.class_loss_weight * cls
         terms["logit_scale"] = out["logit_scale"].detach()
         return terms
 
     # -- training ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        # Negatives across accumulation need every micro-batch of a step before any backward, which
-        # Lightning's automatic accumulation (a loss and a backward per micro-batch) cannot give: the
-        # module then optimises by hand. `trainer.accumulate_grad_batches` stays the user's knob (the
-        # data module, the step count and the loggers read it); Lightning refuses it with manual
-        # optimisation only in its checks before `setup`, so the switch happens here.
-        # It stays so after the fit (Lightning reads the step count from the loop of the mode in use).
         if stage == "fit":
-            k = self.trainer.accumulate_grad_batches
-            self.automatic_optimization = not (self.hparams.accumulated_negatives and k > 1)
-            clip, plugin = self.trainer.gradient_clip_val, self.trainer.precision_plugin
-            if not self.automatic_optimization and clip and getattr(plugin, "scaler", None) is not None:
-                raise ValueError(
-                    f"trainer.gradient_clip_val={clip} with negatives across accumulation needs precision "
-                    "bf16-mixed or 32-true (16-mixed scales the gradients the clip would see); or set "
-                    "model.accumulated_negatives false"
-                )
+            choose_optimisation(self)
 
     def configure_callbacks(self) -> list:
         # in any fit (CLI or Python): non-finite steps skipped, global RNGs saved with each checkpoint
@@ -178,20 +213,9 @@ class LitSuperCLIP(LightningModule):
         self._cache.clear()
 
     def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        # Lightning's ThroughputMonitor reads `flops_per_batch` to log FLOP/s (and MFU where it knows the
-        # device's peak); counted on the meta device once per batch shape, and only when it is asked for.
-        # The FLOPs are this device's: Throughput multiplies them by the world size for the global
-        # `flops_per_sec` and keeps them as they are for `device/flops_per_sec` and `device/mfu`. Model
-        # FLOPs: with negatives across accumulation each micro-batch is encoded twice, but counted once.
         if not self.automatic_optimization:
             forget_logged_step_values(self.trainer)
-        if not any(isinstance(c, ThroughputMonitor) for c in self.trainer.callbacks):
-            return
-        shape = tuple(batch["input_ids"].shape)
-        if getattr(self, "_flops_shape", None) != shape:
-            head = self.model.head is not None
-            self.flops_per_batch = training_step_flops(self.model.config, head, *shape)
-            self._flops_shape = shape
+        count_flops(self, batch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         if self.doc_freq is not None:  # weights over the run so far, the current global batch included
@@ -245,25 +269,6 @@ class LitSuperCLIP(LightningModule):
         super().optimizer_step(*args, **kwargs)  # Lightning's (automatic) step, then the reference's clamp
         clamp_logit_scale(self.model.clip.logit_scale)
 
-    def _evaluation_step(self, batch: dict[str, torch.Tensor] | None, stage: str) -> None:
-        # a data module without a val/test source yields one empty batch, so that the loop (and the
-        # evaluation callbacks at its end) still runs
-        if not batch:
-            return
-        # A local loss: each rank's batch against itself, with no collective. The finite validation
-        # streams are not in lockstep (a rank may have one batch more, or a smaller last one), so any
-        # gather here would hang or crash; the logged values are averaged over all ranks' samples once,
-        # at the epoch's end. With R ranks the contrastive loss is that of batches of `data.batch_size`
-        # (as on one device), not of R x `data.batch_size`.
-        terms = self.compute_losses(batch, gather=False)
-        size = batch["input_ids"].shape[0]
-        for name in ("loss", "contrastive_loss", "class_loss"):
-            if name in terms:
-                self.log(f"{stage}/{name}", terms[name], sync_dist=True, batch_size=size)
-
-    def validation_step(self, batch: dict[str, torch.Tensor] | None, batch_idx: int) -> None:
-        self._evaluation_step(batch, "val")
-
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
             self.validated_at = self.global_step
@@ -271,24 +276,9 @@ class LitSuperCLIP(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.saved_at = self.global_step
 
-    def test_step(self, batch: dict[str, torch.Tensor] | None, batch_idx: int) -> None:
-        self._evaluation_step(batch, "test")
-
-    def predict_step(self, batch: dict, batch_idx: int) -> dict:
-        """``superclip predict``: the batch's keys and L2-normalised image and caption embeddings."""
-        image = self.model.encode_image(batch["pixel_values"])
-        text = self.model.encode_text(batch["input_ids"], batch.get("attention_mask"))
-        return {"keys": batch["keys"], "image_embeds": image, "text_embeds": text}
-
     # -- optimisation, sharding (ModelParallelStrategy: FSDP2 on any device) and compilation -------
     def configure_optimizers(self):
-        hp = self.hparams
-        total = self.trainer.max_steps
-        if total is None or total < 0:
-            total = int(self.trainer.estimated_stepping_batches)
-        return adamw_with_schedule(
-            self, hp.lr, hp.betas, hp.eps, hp.weight_decay, hp.warmup_steps, total, hp.min_lr_ratio
-        )
+        return configure_adamw(self)  # AdamW groups, layer-wise lr decay, the schedule over max_steps
 
     def configure_model(self) -> None:
         # Lightning calls this at every fit / validate / test: it must be idempotent

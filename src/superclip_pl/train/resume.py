@@ -111,5 +111,6 @@ class Resume(Callback):
             return
         print(
             f"resuming at step {trainer.global_step} with max_steps={now} (the checkpoint's run had "
-            f"{before}): the warm-up + cosine schedule now runs over {now} steps{change}"
+            f"{before}): the warm-up + {pl_module.hparams.get('lr_schedule', 'cosine')} schedule now runs "
+            f"over {now} steps{change}"
         )
