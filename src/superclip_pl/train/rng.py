@@ -19,7 +19,14 @@ import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from superclip_pl.data.ranks import gather
+
+def _every_rank(obj, world_size: int) -> list:
+    """``obj`` of every rank, in rank order (all ranks call it together)."""
+    if world_size == 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    out = [None] * world_size
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 def _plain(states: dict) -> dict:
@@ -46,7 +53,7 @@ class RngState(Callback):
         if self._trainer is None:
             return {}
         # every rank takes part (Lightning builds the checkpoint on all ranks, rank 0 writes it)
-        return {"ranks": gather(_plain(_collect_rng_states()), self._trainer.world_size)}
+        return {"ranks": _every_rank(_plain(_collect_rng_states()), self._trainer.world_size)}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._saved = state_dict.get("ranks")
