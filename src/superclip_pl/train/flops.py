@@ -38,3 +38,17 @@ def training_step_flops(config: CLIPConfig, head: bool, batch_size: int, max_len
             loss = loss + classification_loss(out["vocab_logits"], ids, idf, [])
         loss.backward()
     return counter.get_total_flops()
+
+
+def set_flops_per_batch(module, shape: tuple[int, int]) -> None:
+    """Set ``module.flops_per_batch`` for a batch of captions of ``shape`` (B, L): Lightning's
+    ThroughputMonitor reads it to log FLOP/s (and MFU where it knows the device's peak). Counted on the
+    meta device once per batch shape. The FLOPs are this device's: Throughput multiplies them by the
+    world size for the global ``flops_per_sec`` and keeps them as they are for ``device/flops_per_sec``
+    and ``device/mfu``. Model FLOPs: with negatives across accumulation each micro-batch is encoded
+    twice, but counted once."""
+    shape = tuple(shape)
+    if getattr(module, "_flops_shape", None) != shape:
+        head = module.model.head is not None
+        module.flops_per_batch = training_step_flops(module.model.config, head, *shape)
+        module._flops_shape = shape

@@ -13,7 +13,7 @@ from superclip_pl.losses import DocumentFrequency, classification_loss, contrast
 from superclip_pl.model import PRESETS, SuperCLIP
 from superclip_pl.tokenizer import load_tokenizer
 from superclip_pl.train.accumulation import NegativesCache, cached_backward, forget_logged_step_values
-from superclip_pl.train.flops import training_step_flops
+from superclip_pl.train.flops import set_flops_per_batch
 from superclip_pl.train.optim import adamw_with_schedule, clamp_logit_scale, param_groups, warmup_cosine
 from superclip_pl.train.sharding import encoder_layers, shard
 
@@ -179,20 +179,10 @@ class LitSuperCLIP(LightningModule):
         self._cache.clear()
 
     def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        # Lightning's ThroughputMonitor reads `flops_per_batch` to log FLOP/s (and MFU where it knows the
-        # device's peak); counted on the meta device once per batch shape, and only when it is asked for.
-        # The FLOPs are this device's: Throughput multiplies them by the world size for the global
-        # `flops_per_sec` and keeps them as they are for `device/flops_per_sec` and `device/mfu`. Model
-        # FLOPs: with negatives across accumulation each micro-batch is encoded twice, but counted once.
         if not self.automatic_optimization:
             forget_logged_step_values(self.trainer)
-        if not any(isinstance(c, ThroughputMonitor) for c in self.trainer.callbacks):
-            return
-        shape = tuple(batch["input_ids"].shape)
-        if getattr(self, "_flops_shape", None) != shape:
-            head = self.model.head is not None
-            self.flops_per_batch = training_step_flops(self.model.config, head, *shape)
-            self._flops_shape = shape
+        if any(isinstance(c, ThroughputMonitor) for c in self.trainer.callbacks):  # it reads FLOPs
+            set_flops_per_batch(self, batch["input_ids"].shape)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         if self.doc_freq is not None:  # weights over the run so far, the current global batch included
