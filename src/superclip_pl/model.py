@@ -16,6 +16,7 @@ from torch import nn
 from transformers import CLIPConfig, CLIPModel
 
 from superclip_pl.head_file import read_extras
+from superclip_pl.patch_dropout import PatchDropout
 from superclip_pl.presets import PRESETS
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -101,14 +102,28 @@ class SuperCLIP(nn.Module):
         config: the ``CLIPConfig`` of the two towers; the head predicts ``text_config.vocab_size`` classes.
         head: build the vocabulary head (``False`` gives plain CLIP: nothing is spent on it).
         siglip: add the learnable logit bias of the sigmoid loss and start the scale at log(10).
+        patch_dropout: fraction of each image's patches dropped in training mode (FLIP); None: the vision
+            config's ``patch_dropout`` (as open_clip's ``vision_cfg`` has it), else 0.
     """
 
     def __init__(
-        self, config: CLIPConfig, head: bool = True, siglip: bool = False, clip: CLIPModel | None = None
+        self,
+        config: CLIPConfig,
+        head: bool = True,
+        siglip: bool = False,
+        clip: CLIPModel | None = None,
+        patch_dropout: float | None = None,
     ):
         super().__init__()
         self.clip = clip if clip is not None else CLIPModel(config)
         self.config = self.clip.config
+        vision = self.config.vision_config
+        if patch_dropout is None:
+            patch_dropout = getattr(vision, "patch_dropout", 0.0)
+        self.patch_dropout = PatchDropout(patch_dropout)
+        self.patch_dropout.attach(self.clip.vision_model.embeddings)
+        if patch_dropout or hasattr(vision, "patch_dropout"):  # kept in the config: FLOPs, open_clip export
+            vision.patch_dropout = patch_dropout
         width = self.config.vision_config.hidden_size
         eps = self.config.vision_config.layer_norm_eps
         self.head = VocabularyHead(width, self.config.text_config.vocab_size, eps) if head else None
@@ -129,13 +144,14 @@ class SuperCLIP(nn.Module):
         overrides: dict | None = None,
         head: bool = True,
         siglip: bool = False,
+        patch_dropout: float | None = None,
     ) -> SuperCLIP:
         """A model from a preset name (fresh weights) or a pretrained HF CLIP (local dir or hub id)."""
         if backbone in PRESETS:
             config = clip_config(backbone, tokenizer, image_size, overrides)
-            model = cls(config, head=head, siglip=siglip)
+            model = cls(config, head=head, siglip=siglip, patch_dropout=patch_dropout)
         else:
-            model = cls.from_pretrained(backbone, head=head, siglip=siglip)
+            model = cls.from_pretrained(backbone, head=head, siglip=siglip, patch_dropout=patch_dropout)
             size = model.config.vision_config.image_size
             if image_size is not None and image_size != size:
                 raise ValueError(
@@ -148,9 +164,12 @@ class SuperCLIP(nn.Module):
         return model
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, head: bool = True, siglip: bool = False) -> SuperCLIP:
+    def from_pretrained(
+        cls, name_or_path: str, head: bool = True, siglip: bool = False, patch_dropout: float | None = None
+    ) -> SuperCLIP:
         """Start from a pretrained HF ``CLIPModel`` (hub id or local dir); the head is the directory's
-        ``superclip_head.safetensors`` (``superclip import`` of a SuperCLIP checkpoint) or fresh."""
+        ``superclip_head.safetensors`` (``superclip import`` of a SuperCLIP checkpoint) or fresh;
+        ``patch_dropout`` None keeps the one in the directory's config (an imported open_clip model's)."""
         try:
             # float32 master weights whatever the saved dtype (autocast handles bf16); HF returns the
             # model in eval mode, and fine-tuning wants dropout etc. as configured
@@ -161,7 +180,7 @@ class SuperCLIP(nn.Module):
                 f"cannot load a CLIP model from {name_or_path!r} ({where}): {str(err).splitlines()[0]}; "
                 f"presets are {sorted(PRESETS)}"
             ) from None
-        model = cls(clip.config, head=head, siglip=siglip, clip=clip)
+        model = cls(clip.config, head=head, siglip=siglip, clip=clip, patch_dropout=patch_dropout)
         state = read_extras(name_or_path)[0] if head else None
         if state is not None:
             want = {k: tuple(v.shape) for k, v in model.head.state_dict().items()}
@@ -229,7 +248,8 @@ class SuperCLIP(nn.Module):
         text = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
         vocab_logits = None
         if self.head is not None:
-            # patch tokens only (CLS excluded), after the tower's final LayerNorm: (B, 1 + P, W) -> (B, W)
+            # patch tokens only (CLS excluded), after the tower's final LayerNorm: (B, 1 + P, W) -> (B, W);
+            # with patch dropout in training, the P kept ones (the reference averages what its tower returns)
             patches = self.clip.vision_model.post_layernorm(vision.last_hidden_state[:, 1:])
             vocab_logits = self.head(patches.mean(dim=1))
         return {

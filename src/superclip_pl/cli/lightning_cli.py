@@ -77,9 +77,15 @@ class SuperCLIPCLI(RunEnd, LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the checkpoint's hyperparameters with torch.load first: check it before
         subcommand = self.config.get("subcommand")
+        given = None
         if subcommand and (ckpt_path := self.config[subcommand].get("ckpt_path")):
             self.checkpoint_step = check_ckpt_path(ckpt_path)
+            given = self.config[subcommand].model.get("patch_dropout")
         super()._parse_ckpt_path()
+        # the checkpoint's hyperparameters replace the configured ones; a patch dropout given for the
+        # resumed run stands: resuming a masked run with 0 is FLIP's unmasked tuning
+        if given is not None:
+            self.config[subcommand].model.patch_dropout = given
 
     def add_arguments_to_parser(self, parser) -> None:
         # one tokenizer and one caption length feed both the data pipeline and the model

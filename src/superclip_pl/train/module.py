@@ -61,6 +61,9 @@ class LitSuperCLIP(LightningModule):
             ranks (the batch the step trains with is K x devices x ``data.batch_size``), with the
             activation memory of one micro-batch (gradient caching, see ``superclip_pl.train.accumulation``).
             False: Lightning's accumulation, a loss per micro-batch (negatives: one micro-batch).
+        patch_dropout: fraction of each training image's patches dropped (FLIP, 0.5 or 0.75; the head
+            averages the kept ones); evaluation is unmasked. None: the backbone's (an imported open_clip
+            config's ``patch_dropout``), else 0. Resuming with 0 is FLIP's unmasked tuning.
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class LitSuperCLIP(LightningModule):
         gradient_checkpointing: bool = False,
         compile: bool = False,
         accumulated_negatives: bool = True,
+        patch_dropout: float | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -95,6 +99,7 @@ class LitSuperCLIP(LightningModule):
             overrides=backbone_config,
             head=class_loss_weight > 0,
             siglip=loss == "siglip",
+            patch_dropout=patch_dropout,
         )
         if max_length > self.model.config.text_config.max_position_embeddings:
             raise ValueError(
@@ -213,8 +218,7 @@ class LitSuperCLIP(LightningModule):
 
     def _accumulated_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """Encode the micro-batch without a graph; at the step's last one, backpropagate the loss of all."""
-        with torch.no_grad():
-            self._cache.add(batch, self._forward(batch))
+        self._cache.encode(batch, self._forward)
         # the step ends where Lightning's own accumulation would end it (K micro-batches or the epoch's end)
         if self.trainer.fit_loop._should_accumulate():
             return None
