@@ -231,3 +231,19 @@ def test_resuming_a_masked_run_with_zero_continues_it_exactly_unmasked(tmp_path,
     assert losses.values == reference.values[2:] and len(losses.values) == 2
     for (name, a), b in zip(resumed.state_dict().items(), straight.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_flip_fragments_parse_onto_a_run_config(tokenizer_dir, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from superclip_pl.cli.main import build_cli
+
+    monkeypatch.chdir(tmp_path)  # nothing may be written into the repository
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    run = ["--config", str(configs / "demo.yaml"), "--data.init_args.tokenizer", tokenizer_dir]
+    masked = build_cli([*run, "--config", str(configs / "flip" / "masked.yaml")], run=False).model
+    assert (masked.hparams.patch_dropout, masked.hparams.min_lr_ratio) == (0.5, 0.01)
+    assert masked.model.patch_dropout.prob == 0.5
+    fragments = [configs / "flip" / "masked.yaml", configs / "flip" / "unmasked.yaml"]
+    tuned = build_cli([*run, *(a for f in fragments for a in ("--config", str(f)))], run=False).model
+    assert tuned.model.patch_dropout.prob == 0.0
