@@ -71,6 +71,19 @@ def test_each_training_image_keeps_its_class_token_and_half_its_patches(tokenize
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))  # seeded
 
 
+@pytest.mark.parametrize(("loss", "weight"), [("siglip", 1.0), ("contrastive", 0.0), ("siglip", 0.0)])
+def test_both_losses_train_masked_with_or_without_the_head(tokenizer_dir, batch, loss, weight):
+    lengths = []
+    module = LitSuperCLIP(
+        tokenizer_dir, backbone_config=MICRO, loss=loss, class_loss_weight=weight, patch_dropout=0.5
+    )
+    record = lambda m, args, kwargs: lengths.append(kwargs["inputs_embeds"].shape[1])
+    module.model.clip.vision_model.encoder.register_forward_pre_hook(record, with_kwargs=True)
+    trainer = quiet_trainer(max_steps=1)
+    trainer.fit(module, DataLoader(Batches([batch]), batch_size=None))
+    assert lengths == [1 + P // 2] and torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
 def test_head_features_are_the_mean_of_the_kept_tokens_after_the_final_layernorm(tokenizer_dir, batch):
     torch.manual_seed(0)
     model = LitSuperCLIP(tokenizer_dir, backbone_config=MICRO, patch_dropout=0.5).model.train()
