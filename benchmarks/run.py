@@ -37,6 +37,7 @@ BENCHMARKS = [
     "data_pipeline",
     "linear_probe",
     "accumulation",
+    "patch_dropout",
 ]
 HERE = Path(__file__).resolve().parent
 OUTPUT = HERE.parent / "outputs" / "bench" / "results.json"

@@ -8,8 +8,8 @@ MODE: ``whole`` (one process, one batch of 16), ``micro`` (one process, 4 micro-
 micro-batches of 2), ``ddp_whole`` (2 processes x one batch of 8); ``throughput``: 6 steps on 2
 processes with Lightning's ThroughputMonitor, logged to OUT_DIR/metrics.csv. LOSS: contrastive or
 siglip. NEGATIVES: 1 (default) or 0 (``accumulated_negatives=False``). OPTIONS: ``checkpointing``
-(gradient checkpointing), ``bf16`` (bf16-mixed precision) and / or ``locked`` (locked towers),
-comma-separated.
+(gradient checkpointing), ``bf16`` (bf16-mixed precision), ``locked`` (locked towers) and / or
+``patch_dropout`` (0.5, with the kept patches of every encoding saved as ``draws``), comma-separated.
 """
 
 import os
@@ -22,6 +22,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, IterableDataset
 
+import superclip_pl.patch_dropout as patch_dropout
 from superclip_pl.train.module import LitSuperCLIP
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -40,6 +41,18 @@ SIZES = {
 # its projection
 LOCKED = dict(lock_image=True, lock_image_unlocked_layers=2, lock_text=True, lock_text_unlocked_layers=1)
 REDUCTIONS = []  # the gradient buckets DDP all-reduced (one entry per bucket and reduction)
+DRAWS: list[torch.Tensor] = []  # the kept patches (B, n) of every masked encoding, in order
+
+
+def recording(draw):
+    """``patch_dropout.draw_kept`` that also appends what it draws to ``DRAWS``."""
+
+    def recorded(*args, **kwargs):
+        kept = draw(*args, **kwargs)
+        DRAWS.append(kept.clone())
+        return kept
+
+    return recorded
 
 
 def counting_allreduce(state, bucket):
@@ -59,7 +72,7 @@ class SaveReductions(SaveGradients):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
         path = os.path.join(self.out_dir, f"rank{trainer.global_rank}.pt")
-        torch.save({**torch.load(path), "reductions": len(REDUCTIONS)}, path)
+        torch.save({**torch.load(path), "reductions": len(REDUCTIONS), "draws": list(DRAWS)}, path)
 
 
 def pairs(tokenizer) -> dict[str, torch.Tensor]:
@@ -121,6 +134,7 @@ def main(
         accumulated_negatives=negatives,
         gradient_checkpointing="checkpointing" in options,
         **(LOCKED if "locked" in options else {}),
+        patch_dropout=0.5 if "patch_dropout" in options else 0.0,
     )
     strategy = "auto"
     if mode.startswith("ddp"):  # with the settings of the shipped DDP fragment
@@ -141,7 +155,12 @@ def main(
         precision="bf16-mixed" if "bf16" in options else "32-true",
     )
     loader = DataLoader(MicroBatches(pairs(module.tokenizer), SIZES[mode]), batch_size=None)
-    trainer.fit(module, train_dataloaders=loader)
+    draw, DRAWS[:] = patch_dropout.draw_kept, []
+    patch_dropout.draw_kept = recording(draw)  # (this function may run inside the test process)
+    try:
+        trainer.fit(module, train_dataloaders=loader)
+    finally:
+        patch_dropout.draw_kept = draw
 
 
 if __name__ == "__main__":

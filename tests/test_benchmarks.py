@@ -41,6 +41,14 @@ def test_benchmark_reports_its_figures(bench, name):
     assert_figures(module, module.run(quick=True))
 
 
+def test_patch_dropout_reports_its_ratios(bench):
+    module = bench("patch_dropout")
+    result = module.run(quick=True)
+    assert_figures(module, result)
+    # the encoder's matrix products fall with the kept tokens; the text tower and the head do not
+    assert result["flops_ratio_p75"] < result["flops_ratio_p50"] < 1
+
+
 def test_data_pipeline_reports_every_row(bench):
     module, lookup = bench("data_pipeline"), bench("run").lookup
     result = module.run(quick=True)

@@ -207,6 +207,7 @@ def test_the_top_level_holds_the_method_and_the_face():
         "head_file.py",
         "losses.py",
         "model.py",
+        "patch_dropout.py",
         "presets.py",
         "resolution.py",
         "tokenizer.py",

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import CLIPConfig, CLIPModel
 
 from superclip_pl.head_file import HEAD_POOLING, read_extras, read_head_pooling
+from superclip_pl.patch_dropout import PatchDropout
 from superclip_pl.presets import PRESETS
 from superclip_pl.resolution import resize_image_tower
 
@@ -105,6 +106,8 @@ class SuperCLIP(nn.Module):
         head_pooling: what the head averages: ``all_patches`` (every patch token, the reference since
             its commit bc640a6) or ``skip_first_patch`` (patches 2..P, the reference before that commit,
             which the released checkpoints were trained with).
+        patch_dropout: fraction of each image's patches dropped in training mode (FLIP); None: the vision
+            config's ``patch_dropout`` (as open_clip's ``vision_cfg`` has it), else 0.
     """
 
     def __init__(
@@ -114,6 +117,7 @@ class SuperCLIP(nn.Module):
         siglip: bool = False,
         clip: CLIPModel | None = None,
         head_pooling: str = "all_patches",
+        patch_dropout: float | None = None,
     ):
         super().__init__()
         if head_pooling not in HEAD_POOLING:
@@ -121,6 +125,13 @@ class SuperCLIP(nn.Module):
         self.head_pooling = head_pooling
         self.clip = clip if clip is not None else CLIPModel(config)
         self.config = self.clip.config
+        vision = self.config.vision_config
+        if patch_dropout is None:
+            patch_dropout = getattr(vision, "patch_dropout", 0.0)
+        self.patch_dropout = PatchDropout(patch_dropout)
+        self.patch_dropout.attach(self.clip.vision_model.embeddings)
+        if patch_dropout or hasattr(vision, "patch_dropout"):  # kept in the config: FLOPs, open_clip export
+            vision.patch_dropout = patch_dropout
         width = self.config.vision_config.hidden_size
         eps = self.config.vision_config.layer_norm_eps
         self.head = VocabularyHead(width, self.config.text_config.vocab_size, eps) if head else None
@@ -142,14 +153,23 @@ class SuperCLIP(nn.Module):
         head: bool = True,
         siglip: bool = False,
         head_pooling: str | None = None,
+        patch_dropout: float | None = None,
     ) -> SuperCLIP:
         """A model from a preset name (fresh weights) or a pretrained HF CLIP (local dir or hub id); a
         pretrained one at another ``image_size`` gets its position embeddings resampled to it."""
         if backbone in PRESETS:
             config = clip_config(backbone, tokenizer, image_size, overrides)
-            model = cls(config, head=head, siglip=siglip, head_pooling=head_pooling or "all_patches")
+            model = cls(
+                config,
+                head=head,
+                siglip=siglip,
+                head_pooling=head_pooling or "all_patches",
+                patch_dropout=patch_dropout,
+            )
         else:
-            model = cls.from_pretrained(backbone, head=head, siglip=siglip, head_pooling=head_pooling)
+            model = cls.from_pretrained(
+                backbone, head=head, siglip=siglip, head_pooling=head_pooling, patch_dropout=patch_dropout
+            )
             if image_size is not None and image_size != model.image_size:
                 resize_image_tower(model.clip, image_size)
             if overrides:
@@ -160,11 +180,17 @@ class SuperCLIP(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str, head: bool = True, siglip: bool = False, head_pooling: str | None = None
+        cls,
+        name_or_path: str,
+        head: bool = True,
+        siglip: bool = False,
+        head_pooling: str | None = None,
+        patch_dropout: float | None = None,
     ) -> SuperCLIP:
         """Start from a pretrained HF ``CLIPModel`` (hub id or local dir); the head is the directory's
         ``superclip_head.safetensors`` (``superclip import`` of a SuperCLIP checkpoint) or fresh, pooled as
-        ``head_pooling`` or, when None, as that file records (else ``all_patches``)."""
+        ``head_pooling`` or, when None, as that file records (else ``all_patches``); ``patch_dropout``
+        None keeps the one in the directory's config (an imported open_clip model's)."""
         try:
             # float32 master weights whatever the saved dtype (autocast handles bf16); HF returns the
             # model in eval mode, and fine-tuning wants dropout etc. as configured
@@ -176,7 +202,14 @@ class SuperCLIP(nn.Module):
                 f"presets are {sorted(PRESETS)}"
             ) from None
         head_pooling = head_pooling or read_head_pooling(name_or_path) or "all_patches"
-        model = cls(clip.config, head=head, siglip=siglip, clip=clip, head_pooling=head_pooling)
+        model = cls(
+            clip.config,
+            head=head,
+            siglip=siglip,
+            clip=clip,
+            head_pooling=head_pooling,
+            patch_dropout=patch_dropout,
+        )
         state = read_extras(name_or_path)[0] if head else None
         if state is not None:
             want = {k: tuple(v.shape) for k, v in model.head.state_dict().items()}
@@ -250,7 +283,8 @@ class SuperCLIP(nn.Module):
             text = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
         vocab_logits = None
         if self.head is not None:
-            # patch tokens only (CLS excluded), after the tower's final LayerNorm: (B, 1 + P, W) -> (B, W)
+            # patch tokens only (CLS excluded), after the tower's final LayerNorm: (B, 1 + P, W) -> (B, W);
+            # with patch dropout in training, the P kept ones (the reference averages what its tower returns)
             first = HEAD_POOLING[self.head_pooling]
             patches = self.clip.vision_model.post_layernorm(vision.last_hidden_state[:, first:])
             vocab_logits = self.head(patches.mean(dim=1))

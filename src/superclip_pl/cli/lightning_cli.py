@@ -92,6 +92,10 @@ class SuperCLIPCLI(RunEnd, LightningCLI):
         # that a run resumed with a later max_steps can be cooled down (lr_schedule constant_cooldown)
         model = self.config[subcommand].get("model") if subcommand == "fit" else None
         asked = {k: model.get(k) for k in SCHEDULE_KEYS} if model is not None else {}
+        # and a patch dropout given for the resumed run stands: resuming a masked run with 0 is FLIP's
+        # unmasked tuning
+        if model is not None and model.get("patch_dropout") is not None:
+            asked["patch_dropout"] = model.get("patch_dropout")
         super()._parse_ckpt_path()
         for key, value in asked.items():
             self.config[subcommand].model[key] = value

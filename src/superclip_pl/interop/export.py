@@ -233,6 +233,13 @@ def export_checkpoint(
         raise ValueError(f"{err}{hint}") from None
     config = rebuild_config(hparams, tok)
     weights = clip_weights(state_dict, config)  # everything is checked before anything is written
+    # FLIP's patch dropout, a training setting: open_clip's vision_cfg keeps it (applied in training mode
+    # only), so the open_clip files carry the run's; HF's CLIPModel has no such field, and fine-tuning from
+    # the released HF directory starts unmasked
+    if hparams.get("patch_dropout") is not None:
+        config.vision_config.patch_dropout = hparams["patch_dropout"]
+    if format == "hf" and hasattr(config.vision_config, "patch_dropout"):
+        del config.vision_config.patch_dropout
     if format == "open_clip":
         head = {
             k[len("model.head.") :]: v.float() for k, v in state_dict.items() if k.startswith("model.head.")

@@ -34,7 +34,8 @@ NAMED: dict[str, dict[str, Any]] = {
     "SuperCLIP-ViT-L-16": {"embed_dim": 768, "vision_cfg": _L16, "text_cfg": _TEXT_L, "clstext_cfg": _CLS},
 }
 
-# options that change nothing an HF CLIPModel computes at inference (training-time or tokenizer hints)
+# options that change nothing an HF CLIPModel computes at inference (training-time or tokenizer hints);
+# vision_cfg.patch_dropout is carried into the HF config as the default of training from it
 _IGNORED = {
     "vision_cfg": {"output_tokens", "patch_dropout"},
     "text_cfg": {"output_tokens", "pad_id", "hf_tokenizer_name", "tokenizer_kwargs", "tokenizer_mode"},
@@ -212,6 +213,9 @@ def to_clip_config(cfg: dict[str, Any], tokenizer) -> CLIPConfig:
             f"the text tower pools at the largest token id but the tokenizer's end-of-text token is "
             f"{tokenizer.eos_token_id}, not {len(tokenizer) - 1}: pass the model's own tokenizer"
         )
+    dropout = vision.get("patch_dropout", 0.0) or 0.0
+    if not 0 <= dropout < 1:
+        raise ValueError(f"model config vision_cfg.patch_dropout={dropout}: a fraction in [0, 1) (0: off)")
     return CLIPConfig(
         projection_dim=cfg["embed_dim"],
         vision_config=dict(
@@ -223,6 +227,7 @@ def to_clip_config(cfg: dict[str, Any], tokenizer) -> CLIPConfig:
             patch_size=vision["patch_size"],
             hidden_act=act,
             layer_norm_eps=(vision.get("norm_kwargs") or {}).get("eps", 1e-5),
+            **({"patch_dropout": dropout} if dropout else {}),
         ),
         text_config=dict(
             hidden_size=text["width"],
@@ -265,6 +270,7 @@ def from_clip_config(config: CLIPConfig) -> dict[str, Any]:
             "patch_size": v.patch_size,
             "head_width": v.hidden_size // v.num_attention_heads,
             "mlp_ratio": v.intermediate_size / v.hidden_size,
+            **({"patch_dropout": v.patch_dropout} if getattr(v, "patch_dropout", 0) else {}),
             **norm,
         },
         "text_cfg": {

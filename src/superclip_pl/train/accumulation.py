@@ -15,6 +15,10 @@ Memory Limited Setup"), not open_clip's feature cache. Why:
   FSDP2 ``set_requires_gradient_sync(False)``) for all but the last backward, so it happens once.
 - The last backward also carries the logit scale's (and SigLIP bias') gradient, so that under DDP
   every parameter takes part in the synchronised backward.
+- Both encodings of a micro-batch draw the same random numbers (patch dropout's masks, dropout in the
+  towers): the torch random state (CPU and the micro-batch's accelerator) is captured before the first
+  and set again for the second, as GradCache's ``RandContext`` does, inside ``torch.random.fork_rng``,
+  so that the run's own random stream (data augmentation, the next steps' masks) goes on untouched.
 The cost: each micro-batch is encoded twice (about 4/3 of plain accumulation's compute without
 checkpointing). The class loss has no cross-sample terms: it is computed per micro-batch in the
 re-encoding, with the IDF weights of the whole step (every micro-batch's captions counted once).
@@ -22,6 +26,8 @@ re-encoding, with the IDF weights of the whole step (every micro-batch's caption
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -31,17 +37,56 @@ from superclip_pl.train.sharding import gradient_sync
 
 
 @dataclass
+class RandomState:
+    """The torch random state of the CPU and, for an accelerator, of ``device``."""
+
+    device: torch.device
+    cpu: torch.Tensor
+    accelerator: torch.Tensor | None
+
+    @classmethod
+    def capture(cls, device: torch.device) -> RandomState:
+        device = torch.device(device)
+        accelerator = None
+        if device.type != "cpu":
+            accelerator = torch.get_device_module(device.type).get_rng_state(device)
+        return cls(device, torch.get_rng_state(), accelerator)
+
+    @contextlib.contextmanager
+    def replay(self) -> Iterator[None]:
+        """Draw from this state inside; the state before is back afterwards."""
+        accelerated = self.accelerator is not None
+        devices, device_type = ([self.device], self.device.type) if accelerated else ([], None)
+        with torch.random.fork_rng(devices=devices, device_type=device_type):
+            torch.set_rng_state(self.cpu)
+            if accelerated:
+                torch.get_device_module(self.device.type).set_rng_state(self.accelerator, self.device)
+            yield
+
+
+@dataclass
 class NegativesCache:
-    """The micro-batches of the optimizer step so far: inputs and graph-free embeddings."""
+    """The micro-batches of the optimizer step so far: inputs, graph-free embeddings and the random
+    state each was first encoded from."""
 
     batches: list[dict[str, torch.Tensor]] = field(default_factory=list)
     images: list[torch.Tensor] = field(default_factory=list)  # each (B_k, E)
     texts: list[torch.Tensor] = field(default_factory=list)
     logit_scale: torch.Tensor | None = None
     logit_bias: torch.Tensor | None = None
+    states: list[RandomState] = field(default_factory=list)
 
-    def add(self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor | None]) -> None:
+    def encode(self, batch: dict[str, torch.Tensor], forward: Callable[[dict], dict]) -> None:
+        """Encode ``batch`` with ``forward`` without a graph and keep what the step's loss needs."""
+        state = RandomState.capture(batch["pixel_values"].device)
+        with torch.no_grad():
+            self.add(batch, forward(batch), state)
+
+    def add(
+        self, batch: dict[str, torch.Tensor], out: dict[str, torch.Tensor | None], state: RandomState
+    ) -> None:
         self.batches.append(batch)
+        self.states.append(state)
         self.images.append(out["image_embeds"].detach())
         self.texts.append(out["text_embeds"].detach())
         self.logit_scale = out["logit_scale"].detach()
@@ -77,7 +122,8 @@ def cached_backward(module, cache: NegativesCache, targets, idf) -> dict[str, to
     class_loss = torch.zeros((), device=images.device)
     for k, batch in enumerate(cache.batches):
         with gradient_sync(wrapper, module.model, enabled=k == last):
-            out = module.model(batch["pixel_values"], batch["input_ids"], batch.get("attention_mask"))
+            with cache.states[k].replay():  # the first encoding's random numbers: its masks and dropout
+                out = module.model(batch["pixel_values"], batch["input_ids"], batch.get("attention_mask"))
             surrogate = (out["image_embeds"].float() * grad_images[k]).sum()
             surrogate = surrogate + (out["text_embeds"].float() * grad_texts[k]).sum()
             if k == last:

@@ -48,9 +48,14 @@ def count_flops(module, batch: dict[str, torch.Tensor]) -> None:
     Throughput multiplies them by the world size for the global ``flops_per_sec`` and keeps them as they
     are for ``device/flops_per_sec`` and ``device/mfu``. Model FLOPs: with negatives across accumulation
     each micro-batch is encoded twice, but counted once."""
-    if not any(isinstance(c, ThroughputMonitor) for c in module.trainer.callbacks):
-        return
-    shape = tuple(batch["input_ids"].shape)
+    if any(isinstance(c, ThroughputMonitor) for c in module.trainer.callbacks):
+        set_flops_per_batch(module, batch["input_ids"].shape)
+
+
+def set_flops_per_batch(module, shape: tuple[int, int]) -> None:
+    """``module.flops_per_batch`` for a batch of captions of ``shape`` (B, L), counted once per shape
+    (masked training steps count the kept patches: the meta model masks as the real one does)."""
+    shape = tuple(shape)
     if getattr(module, "_flops_shape", None) != shape:
         head = module.model.head is not None
         module.flops_per_batch = training_step_flops(module.model.config, head, *shape)

@@ -80,6 +80,9 @@ class LitSuperCLIP(EvaluationSteps, LightningModule):
             False: Lightning's accumulation, a loss per micro-batch (negatives: one micro-batch).
         max_nonfinite_steps: optimizer steps in a row with a non-finite loss or gradients that are skipped
             (no update; ``train/nonfinite_steps``); one more stops the run, exit 1 (``train/nonfinite.py``).
+        patch_dropout: fraction of each training image's patches dropped (FLIP, 0.5 or 0.75; the head
+            averages the kept ones); evaluation is unmasked. None: the backbone's (an imported open_clip
+            config's ``patch_dropout``), else 0. Resuming with 0 is FLIP's unmasked tuning.
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class LitSuperCLIP(EvaluationSteps, LightningModule):
         compile: bool = False,
         accumulated_negatives: bool = True,
         max_nonfinite_steps: int = 5,
+        patch_dropout: float | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -131,6 +135,7 @@ class LitSuperCLIP(EvaluationSteps, LightningModule):
             head=class_loss_weight > 0,
             siglip=loss == "siglip",
             head_pooling=head_pooling,
+            patch_dropout=patch_dropout,
         )
         self.hparams.head_pooling = self.model.head_pooling  # resolved: what export records
         lock_towers(self.model, self.hparams)
@@ -246,8 +251,7 @@ class LitSuperCLIP(EvaluationSteps, LightningModule):
 
     def _accumulated_step(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """Encode the micro-batch without a graph; at the step's last one, backpropagate the loss of all."""
-        with torch.no_grad():
-            self._cache.add(batch, self._forward(batch))
+        self._cache.encode(batch, self._forward)
         # the step ends where Lightning's own accumulation would end it (K micro-batches or the epoch's end)
         if self.trainer.fit_loop._should_accumulate():
             return None
