@@ -5,7 +5,7 @@ through ``simplejpeg`` when it is installed (the extra installs it: straight to 
 than OpenCV's own decoder on the benchmark's photos), else OpenCV's ``imdecode``
 (``IMREAD_REDUCED_COLOR_2/4/8``). OpenCV's vectorised ``resize`` makes the crop. On the
 benchmark's 640x480 photos this costs about a third less CPU than PIL's ``draft`` decode plus its
-bicubic resize (README, *Benchmarks*). Only training uses it: evaluation keeps PIL, whose resize is
+bicubic resize (docs/benchmarks.md). Only training uses it: evaluation keeps PIL, whose resize is
 the one ``CLIPImageProcessor`` uses, so exported models see at test time exactly what they saw here.
 
 Anything this path is unsure of goes back to PIL, which also decides what is corrupt: payloads that

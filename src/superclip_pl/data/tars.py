@@ -58,8 +58,7 @@ def _members(url: str, config: DownloadConfig | None) -> Iterator[tuple[str, tar
     Read as a stream (remote files need not be seekable). tarfile's stream reader joins and slices
     its whole buffer on every read, 512-byte headers included, so a read costs in proportion to the
     buffer: on the benchmark's 120 KB samples 1 MiB cost 0.39 ms per sample, 32 KiB 0.08 ms (about
-    tarfile's default 10 KiB, or seekable random access; `benchmarks/data_pipeline.py` history in
-    the README).
+    tarfile's default 10 KiB, or seekable random access; `benchmarks/data_pipeline.py`; docs/benchmarks.md).
     """
     with _open(url, config) as f, tarfile.open(fileobj=f, mode="r|*", bufsize=1 << 15) as stream:
         for info in stream:
