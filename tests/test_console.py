@@ -137,3 +137,19 @@ def test_help_lists_the_commands_without_importing_lightning():
     assert proc.returncode == 0
     for command in ("fit", "validate", "test", "predict", "export", "import"):
         assert f"\n  {command} " in proc.stdout
+
+
+@pytest.mark.parametrize("args", [["--help"], ["fit", "--help"], ["recipes"]])
+def test_a_reader_that_leaves_ends_the_command_quietly(args):
+    """`superclip --help | head -1`: stdout's reader is gone before anything is written; the command
+    ends as `yes | head` does (141, SIGPIPE's status), with nothing on stderr. A command's --help is
+    argparse's, which ignores a failed write and exits 0."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [str(SUPERCLIP), *args], stdout=write_end, stderr=subprocess.PIPE, text=True, env=env, timeout=120
+    )
+    os.close(write_end)
+    assert proc.stderr == ""
+    assert proc.returncode == (0 if args == ["fit", "--help"] else 141)

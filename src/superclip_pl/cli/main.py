@@ -3,7 +3,8 @@
 Dispatches before anything heavy is imported (``superclip --help`` and ``superclip export --help`` never
 import Lightning), and turns errors into exit statuses: 0 success, 1 a failed run, 2 a usage or
 configuration error, 128 + the signal number for a run stopped by SIGTERM (143) or SIGINT (130) with
-``last.ckpt`` written (``superclip_pl.train.signals``). A user error (a bad config value, path, column or
+``last.ckpt`` written (``superclip_pl.train.signals``), and 141 (SIGPIPE), silently, when the reader of
+stdout goes away (``superclip --help | head -1``). A user error (a bad config value, path, column or
 checkpoint) prints one line on stderr, naming the key, the value and what to do; ``SUPERCLIP_TRACEBACK=1``
 shows its traceback too. Programming errors keep theirs.
 """
@@ -109,6 +110,9 @@ def main(args: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `superclip --help | head`: the reader left; end as `yes | head` does, quietly
+        _silence_stdout()
+        return 128 + signal.SIGPIPE
     except SignalStop as stop:  # SIGTERM / SIGINT: stopped at a step's end with last.ckpt written
         if not stop.quiet:
             print(f"{prog}: {stop}; resume with: {resume_command(argv)}", file=sys.stderr)
@@ -122,6 +126,13 @@ def main(args: list[str] | None = None) -> int:
     finally:
         _close_process_group()
     return EXIT_OK
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not hit the closed pipe again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def resume_command(argv: list[str]) -> str:
