@@ -39,6 +39,16 @@ def test_recipes_lists_each_config_with_its_first_sentence(tmp_path):
     assert sorted(listed) == NAMES
     assert listed["debug"].startswith("A seconds-long run on the shapes data")
     assert listed["trainer/ddp"].startswith("Data parallel on every GPU of every node")
+    assert listed["eval/datacomp"].startswith("DataComp's zero-shot evaluation suite (Gadre et al. 2023;")
+
+
+def test_a_description_ends_at_a_sentence_not_at_an_abbreviation(tmp_path):
+    from superclip_pl.cli.recipes import describe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("# Locked towers (Zhai et al. 2022, e.g. LiT). Then.\n#   superclip fit\nmodel: {}\n")
+    assert describe(path) == "Locked towers (Zhai et al. 2022, e.g. LiT)"
+    assert describe(path, width=20) == "Locked towers (Zh..."
 
 
 def test_recipes_copy_writes_the_files_and_refuses_to_overwrite(tmp_path):

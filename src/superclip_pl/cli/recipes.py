@@ -36,7 +36,9 @@ def describe(path: Path, width: int = 96) -> str:
         if not text or text.startswith("superclip "):  # a command line: the sentence is over
             break
         lines.append(text)
-    sentence = re.split(r"(?<=[.;])\s", " ".join(lines), maxsplit=1)[0]
+    # a sentence ends at ". " unless the word before is an abbreviation ("Gadre et al. 2023")
+    end = r"(?<!\bal)(?<!\be\.g)(?<!\bi\.e)(?<!\bvs)(?<!\bcf)\.\s"
+    sentence = re.split(end, " ".join(lines), maxsplit=1)[0]
     return sentence if len(sentence) <= width else sentence[: width - 3].rstrip() + "..."
 
 
