@@ -58,7 +58,7 @@ demo: $(STAMP)  ## train CLIP and SuperCLIP on the shapes data (makes it if miss
 	$(BIN)/python -m superclip_pl.demo $(ARGS)
 
 # the grid of docs/results.md on the demo set and model: batch 16/32/64/128, 3 seeds, 80k samples each (the demo's),
-# evaluated at the end (add --eval-every 16000 for learning curves in TensorBoard); 54 min 40 s on the
+# evaluated at the end (add --eval-every 16000 for learning curves in TensorBoard); 50 min on the
 # 2 idle cores (docs/results.md). ARGS replaces all of it, e.g.
 # ARGS="--batch-sizes 16 128 --seeds 0 --samples 2000" (a quick end-to-end check)
 ABLATION := --batch-sizes 16 32 64 128 --seeds 0 1 2 --samples 80000

@@ -16,7 +16,7 @@ transformers and lightning versions), on the same data set (its manifest), with 
 settings: ``results.json`` never mixes numbers that the code as it is would not give.
 
 ``make ablation`` runs the grid of docs/results.md (batch 16, 32, 64, 128; 3 seeds; 80k samples; evaluated at
-the end): 54 min 40 s on 2 idle CPU cores with the data rendered (two runs at a time; docs/results.md).
+the end): 50 min on 2 idle CPU cores with the data rendered (two runs at a time; docs/results.md).
 """
 
 from __future__ import annotations
