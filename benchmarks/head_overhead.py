@@ -17,7 +17,15 @@ import time
 
 import torch
 from timing import interleaved, median_ratio
-from workloads import CLIP_VOCAB, build_model, flops_per_step, random_batch, special_ids, step_loss
+from workloads import (
+    CLIP_VOCAB,
+    build_model,
+    flops_per_step,
+    random_batch,
+    special_ids,
+    step_loss,
+    toy_preset,
+)
 
 from superclip_pl.losses import DocumentFrequency
 from superclip_pl.model import SuperCLIP
@@ -35,26 +43,7 @@ TARGETS = {
 FULL = dict(preset="ViT-B-16", vocab_size=CLIP_VOCAB, image_size=224, batch=4, rounds=10)
 # seconds-long stand-in for tests: same code path, a toy architecture
 QUICK = dict(
-    preset={
-        "projection_dim": 32,
-        "vision_config": dict(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            image_size=16,
-            patch_size=8,
-            hidden_act="gelu",
-        ),
-        "text_config": dict(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-        ),
-    },
+    preset=toy_preset(patch_size=8),
     vocab_size=512,
     image_size=16,
     batch=2,

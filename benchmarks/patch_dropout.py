@@ -14,7 +14,7 @@ import time
 
 import torch
 from timing import interleaved, median_ratio
-from workloads import CLIP_VOCAB, random_batch, special_ids, step_loss, vocab_config
+from workloads import CLIP_VOCAB, random_batch, special_ids, step_loss, toy_preset, vocab_config
 
 from superclip_pl.losses import DocumentFrequency
 from superclip_pl.model import SuperCLIP
@@ -34,19 +34,7 @@ TARGETS = {
 FULL = dict(preset="ViT-B-16", vocab_size=CLIP_VOCAB, image_size=224, batch=4, rounds=5, context=77)
 # seconds-long stand-in for tests: same code path, a toy architecture (16 patches of 4 px)
 QUICK = dict(
-    preset={
-        "projection_dim": 32,
-        "vision_config": dict(
-            hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, patch_size=4
-        ),
-        "text_config": dict(
-            hidden_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=77,
-        ),
-    },
+    preset=toy_preset(patch_size=4),
     vocab_size=512,
     image_size=16,
     batch=2,

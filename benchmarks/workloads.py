@@ -37,6 +37,19 @@ def clip_vocab_overrides(vocab_size: int = CLIP_VOCAB) -> dict:
     }
 
 
+def toy_preset(patch_size: int) -> dict:
+    """The seconds-long stand-in architecture of the benchmarks' quick mode (one layer of width 32 per
+    tower): the same code path as the full run, for tests."""
+    layer = dict(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, hidden_act="gelu"
+    )
+    return {
+        "projection_dim": 32,
+        "vision_config": dict(layer, patch_size=patch_size),
+        "text_config": dict(layer, max_position_embeddings=CONTEXT),
+    }
+
+
 def vocab_config(
     preset: str | dict,
     vocab_size: int = CLIP_VOCAB,

@@ -32,15 +32,6 @@ BAD_ROW = "__bad_row__"  # the field that marks a row the decoder counts as `bad
 SEPARATORS = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "pipe": "|"}
 
 
-def csv_files(builder: datasets.DatasetBuilder, split: str) -> list[str] | None:
-    """The CSV / TSV files of `split` when `builder` is HF's csv builder, else None."""
-    if builder.name != "csv" or not builder.config.data_files:
-        return None
-    if split not in builder.config.data_files:
-        raise ValueError(f"no split {split!r}; splits found: {sorted(builder.config.data_files)}")
-    return list(builder.config.data_files[split])
-
-
 def separator_of(url: str, given: str | None, role: str = "train") -> str:
     """The one-character separator of the file `url`: `given` (or its name: tab, comma, ...), else
     a tab for `.tsv` / `.tab` files and a comma for the others."""

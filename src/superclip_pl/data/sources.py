@@ -154,12 +154,12 @@ def open_source(source: DataSource, role: str = "train") -> OpenedSource:
             storage_options=source.storage_options,
         )
         config = DownloadConfig(token=builder.token, storage_options=builder.storage_options)
-        if (urls := tars.webdataset_files(builder, source.split)) is not None:
+        if (urls := _builder_files(builder, "webdataset", source.split)) is not None:
             first = tars.first_samples(urls, config)
             return OpenedSource(
                 first, True, len(urls), lambda columns, parts=1: tars.tar_dataset(urls, columns.all, config)
             )
-        if (urls := csvfiles.csv_files(builder, source.split)) is not None:
+        if (urls := _builder_files(builder, "csv", source.split)) is not None:
             return _opened_csv(urls, source, role, config)
         if source.separator is not None:
             raise ValueError(f"data.{role}.separator: applies to CSV / TSV files only ({source.describe()})")
@@ -174,6 +174,16 @@ def open_source(source: DataSource, role: str = "train") -> OpenedSource:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"data.{role}: cannot open {source.describe()}: {reason}") from err
     return OpenedSource(first, False, ds.num_shards, lambda columns, parts=1: ds.select_columns(columns.all))
+
+
+def _builder_files(builder: datasets.DatasetBuilder, name: str, split: str) -> list[str] | None:
+    """The files of `split` when `builder` is HF's `name` builder (webdataset, csv): we read those
+    ourselves; else None."""
+    if builder.name != name or not builder.config.data_files:
+        return None
+    if split not in builder.config.data_files:
+        raise ValueError(f"no split {split!r}; splits found: {sorted(builder.config.data_files)}")
+    return list(builder.config.data_files[split])
 
 
 def _opened_csv(urls: list[str], source: DataSource, role: str, config: DownloadConfig) -> OpenedSource:

@@ -118,15 +118,6 @@ def _shard_samples(url: str, wanted: set[str] | None, config: DownloadConfig | N
         yield sample
 
 
-def webdataset_files(builder: datasets.DatasetBuilder, split: str) -> list[str] | None:
-    """The tar files of `split` when `builder` is HF's webdataset builder, else None."""
-    if builder.name != "webdataset" or not builder.config.data_files:
-        return None
-    if split not in builder.config.data_files:
-        raise ValueError(f"no split {split!r}; splits found: {sorted(builder.config.data_files)}")
-    return list(builder.config.data_files[split])
-
-
 def first_samples(urls: list[str], config: DownloadConfig | None, n: int = 100) -> list[dict]:
     """Up to `n` samples with all their fields from the first shards that can be read (at most 4):
     they tell which columns a source has. An unreadable shard is left to the stream to count."""

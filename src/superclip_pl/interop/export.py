@@ -48,15 +48,7 @@ def _read_remote(url: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise FileNotFoundError(f"checkpoint {url!r} does not exist") from None
     except ImportError as err:  # the protocol's package (s3fs, gcsfs) is not installed
         raise ValueError(f"cannot read {url!r}: {_first_line(err)}") from None
-    try:
-        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(
-            f"{url!r} is not a SuperCLIP checkpoint: torch.load cannot read it ({_first_line(err)})"
-        ) from None
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise ValueError(f"{url!r} is not a SuperCLIP checkpoint: it holds no Lightning state_dict")
-    return ckpt.pop("state_dict"), ckpt
+    return _load(io.BytesIO(data), url)
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -76,20 +68,26 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         return _read_distributed(path)
     if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
         raise ValueError(f"{str(path)!r} is not a SuperCLIP checkpoint: not a file written by torch.save")
+    return _load(path, str(path), mmap=True)
+
+
+def _load(source, name: str, **load_options) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(state_dict, rest)`` of the ``torch.save`` archive ``source`` (a path or a buffer); ``name`` is
+    what the user gave, for the one-line errors."""
     try:
         # plain tensors and Python values only: a checkpoint cannot run code while being read
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        ckpt = torch.load(source, map_location="cpu", weights_only=True, **load_options)
     except pickle.UnpicklingError as err:  # a pickle, but with objects other than tensors and builtins
         raise ValueError(
-            f"{str(path)!r} holds objects torch.load(weights_only=True) refuses "
+            f"{name!r} holds objects torch.load(weights_only=True) refuses "
             f"({_first_line(err)}); if you trust it, re-save its state_dict and hyper_parameters alone"
         ) from None
     except Exception as err:  # not a zip or pickle at all
         raise ValueError(
-            f"{str(path)!r} is not a SuperCLIP checkpoint: torch.load cannot read it ({_first_line(err)})"
+            f"{name!r} is not a SuperCLIP checkpoint: torch.load cannot read it ({_first_line(err)})"
         ) from None
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise ValueError(f"{str(path)!r} is not a SuperCLIP checkpoint: it holds no Lightning state_dict")
+        raise ValueError(f"{name!r} is not a SuperCLIP checkpoint: it holds no Lightning state_dict")
     return ckpt.pop("state_dict"), ckpt
 
 
